@@ -1,0 +1,372 @@
+"""The pieces paligemma.py, smolvlm.py and perception_lm.py share.
+
+Top to bottom: the one error type, config helpers, RoPE, attention (the mask, the KV cache, the decoder's
+attention and MLP blocks), image and video input, checkpoint resolution and safetensors loading, sampling
+and the generation loop, command-line helpers. The vision encoders and decoders live in
+the model files, so that each file reads as one whole model.
+Shapes: B batch, T new tokens, S keys (cache length so far), H query heads, K key/value heads, D head dim.
+"""
+import argparse
+import json
+import math
+import sys
+import time
+from dataclasses import fields
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class VLMError(Exception):
+    """A problem with the user's input (file, checkpoint, prompt, flag); the CLIs print it as one line."""
+
+
+# ----------------------------------------------------------------------------- config
+
+def read_json(path):
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:  # missing, unreadable, not JSON
+        raise VLMError(f"{path} {'not found' if isinstance(e, FileNotFoundError) else f'is not valid JSON ({e})'}") from None
+
+
+def from_dict(cls, d):
+    """A config dataclass from a config.json section, keeping the fields the class knows."""
+    return cls(**{k: v for k, v in (d or {}).items() if k in {f.name for f in fields(cls)}})
+
+
+def rope_theta(cfg, default=10000.0):
+    """RoPE base from the hub's 4.x form (rope_theta) or the 5.x form (rope_parameters) that transformers 5
+    writes when it saves a config; rope scaling, where a model has it, is read by its own file."""
+    return float((cfg.get("rope_parameters") or {}).get("rope_theta", cfg.get("rope_theta", default)))
+
+
+# ----------------------------------------------------------------------------- RoPE
+
+def rope_inv_freq(head_dim, theta):
+    """Rotary embedding frequencies (RoFormer, arXiv:2104.09864). Made on the CPU even while a model is
+    built on the meta device: this buffer is computed, not loaded."""
+    return 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float, device="cpu") / head_dim))
+
+
+def rope_cos_sin(inv_freq, positions, dtype):
+    """positions (B, T) -> cos, sin (B, 1, T, D), computed in fp32 and rounded to the activation dtype."""
+    freqs = positions[..., None].float() * inv_freq.to(positions.device)  # (B, T, D/2)
+    emb = torch.cat([freqs, freqs], dim=-1)
+    return emb.cos().to(dtype)[:, None], emb.sin().to(dtype)[:, None]
+
+
+def apply_rope(x, cos, sin):
+    """The half-split layout of the hub checkpoints: dimension i pairs with i + D/2 (`rotate_half`)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+
+
+# ----------------------------------------------------------------------------- attention
+
+def attend(q, k, v, mask=None, scale=None, softcap=None):
+    """q (B, H, T, D), k/v (B, K, S, D), mask bool (B, 1, T, S) with True = may attend, None = all may.
+    Grouped-query attention: each K/V head serves H/K query heads without being copied."""
+    if softcap is None:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
+    # Gemma 2 squashes scores with tanh(s / cap) * cap before the mask (arXiv:2408.00118), which SDPA cannot
+    # express, so this path is written out; the softmax runs in fp32 as in the reference.
+    B, H, T, D = q.shape
+    s = q.view(B, k.shape[1], -1, T, D) @ k[:, :, None].transpose(-1, -2) * scale  # (B, K, H/K, T, S)
+    s = torch.tanh(s / softcap) * softcap
+    if mask is not None:
+        s = s.masked_fill(~mask[:, :, None], float("-inf"))
+    return (s.softmax(dim=-1, dtype=torch.float32).to(q.dtype) @ v[:, :, None]).view(B, H, T, D)
+
+
+def make_mask(keys, T, window=None, prefix=None):
+    """Boolean mask (B, 1, T, S) for the last T of S positions, or None when nothing is masked (SDPA's fast
+    path). `keys` (B, S) marks real (non-pad) tokens; `window` limits a query to its `window` most recent
+    keys, itself included; `prefix` (B, S) marks tokens that see each other both ways (prefix-LM)."""
+    S = keys.shape[1]
+    q, k = torch.arange(S - T, S, device=keys.device)[:, None], torch.arange(S, device=keys.device)[None]
+    m = ((k <= q) if window is None else (k <= q) & (k > q - window))[None]
+    if prefix is not None:
+        m = m | (prefix[:, S - T:, None] & prefix[:, None, :])
+    m = ((m & keys[:, None, :]) | (k == q))[:, None]  # pads are never keys; a pad query sees itself (no NaN)
+    return None if bool(m.all()) else m
+
+
+class KVCache:
+    """Keys and values of every layer, allocated once for prompt + new tokens and written in place."""
+
+    def __init__(self, n_layers, batch, n_kv_heads, max_len, head_dim, dtype, device):
+        self.k = torch.zeros(n_layers, batch, n_kv_heads, max_len, head_dim, dtype=dtype, device=device)
+        self.v, self.len = torch.zeros_like(self.k), 0  # len: filled positions, advanced by the model
+
+    def update(self, layer, k, v):  # k, v (B, K, T, D) -> all keys and values so far (B, K, S, D)
+        end = self.len + k.shape[2]
+        self.k[layer, :, :, self.len:end], self.v[layer, :, :, self.len:end] = k, v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+
+class SelfAttention(nn.Module):
+    """Decoder attention of Gemma and Llama: q/k/v/o projections, RoPE, the cache, Gemma 2's soft-cap."""
+
+    def __init__(self, idx, dim, n_heads, n_kv_heads, head_dim, scale=None, softcap=None):
+        super().__init__()
+        self.idx, self.H, self.K, self.D = idx, n_heads, n_kv_heads, head_dim
+        self.scale, self.softcap = scale or head_dim ** -0.5, softcap
+        self.q_proj, self.o_proj = nn.Linear(dim, n_heads * head_dim, bias=False), nn.Linear(n_heads * head_dim, dim, bias=False)
+        self.k_proj, self.v_proj = (nn.Linear(dim, n_kv_heads * head_dim, bias=False) for _ in range(2))
+
+    def forward(self, x, cos, sin, mask, cache=None):
+        B, T, _ = x.shape
+        q = apply_rope(self.q_proj(x).view(B, T, self.H, self.D).transpose(1, 2), cos, sin)  # (B, H, T, D)
+        k = apply_rope(self.k_proj(x).view(B, T, self.K, self.D).transpose(1, 2), cos, sin)  # (B, K, T, D)
+        v = self.v_proj(x).view(B, T, self.K, self.D).transpose(1, 2)
+        if cache is not None:
+            k, v = cache.update(self.idx, k, v)
+        y = attend(q, k, v, mask, self.scale, self.softcap)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.H * self.D))
+
+
+class GatedMLP(nn.Module):
+    """down(act(gate(x)) * up(x)): GeGLU with tanh GELU in Gemma, SwiGLU in Llama (arXiv:2002.05202)."""
+
+    def __init__(self, dim, hidden, act):
+        super().__init__()
+        self.act = act
+        self.gate_proj, self.up_proj = nn.Linear(dim, hidden, bias=False), nn.Linear(dim, hidden, bias=False)
+        self.down_proj = nn.Linear(hidden, dim, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+
+
+# ----------------------------------------------------------------------------- images and video
+
+def to_rgb(img):
+    """Any PIL mode -> RGB; transparency is composited on white, as transformers' convert_to_rgb does."""
+    from PIL import Image
+    if img.mode != "RGB" and ("A" in img.getbands() or img.info.get("transparency") is not None):
+        img = Image.alpha_composite(Image.new("RGBA", img.size, (255, 255, 255, 255)), img.convert("RGBA"))
+    return img if img.mode == "RGB" else img.convert("RGB")
+
+
+def open_image(path):
+    """Open an image file, apply its EXIF orientation (phones store photos sideways), convert to RGB."""
+    from PIL import Image, ImageOps
+    try:
+        with Image.open(path) as img:
+            return to_rgb(ImageOps.exif_transpose(img))
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:  # missing, a directory, truncated,
+        # not an image, or a huge declared size (a "decompression bomb")
+        raise VLMError(f"image {path} cannot be read ({getattr(e, 'strerror', None) or e})") from None
+
+
+def image_tensor(img):
+    """A PIL image, an (H, W, 3) uint8 array or a path -> uint8 tensor (3, H, W)."""
+    img = open_image(img) if isinstance(img, (str, Path)) else to_rgb(img) if hasattr(img, "convert") else img
+    return torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1)
+
+
+def resize(x, size, mode):
+    """uint8 (N, 3, H, W) resized with antialiasing on the integers, as transformers' torchvision backend
+    does on CPU: bit-exact with it, with no torchvision at run time."""
+    return F.interpolate(x, size=size, mode=mode, antialias=True, align_corners=False)
+
+
+def normalize(x):  # uint8 -> float32 in [-1, 1], i.e. rescale by 1/255 then mean = std = 0.5
+    return (x.float() - 127.5) / 127.5
+
+
+def read_video(path, pick):
+    """Decode a video with PyAV, keeping only the frames `pick(total_frames, fps)` selects (a long video is
+    never held in memory whole) -> uint8 (N, 3, H, W) and the metadata transformers derives."""
+    import av
+    try:
+        with av.open(str(path)) as c:
+            if not c.streams.video:
+                raise VLMError(f"video {path} has no video stream")
+            s = c.streams.video[0]
+            fps = float(s.average_rate or 0) or 24.0
+            total = s.frames or int((c.duration or 0) / 1e6 * fps)
+            idx = [int(i) for i in pick(total, fps)]
+            frames = zip(range(max(idx, default=-1) + 1), c.decode(s))  # decoding stops after the last index
+            got = {i: f.to_ndarray(format="rgb24") for i, f in frames if i in idx}
+    except (av.error.FFmpegError, OSError, ValueError) as e:  # missing, a directory, truncated, not a video
+        raise VLMError(f"video {path} cannot be read ({getattr(e, 'strerror', None) or e})") from None
+    if not got:
+        raise VLMError(f"video {path} has no decodable frames")
+    frames = torch.from_numpy(np.stack([got[i] for i in idx if i in got])).permute(0, 3, 1, 2)
+    return frames, {"total_num_frames": total, "fps": fps, "duration": total / fps, "frames_indices": idx}
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+def resolve(model):
+    """A local checkpoint directory, or a hub repo id fetched by huggingface_hub into its usual cache (so a
+    checkpoint transformers downloaded is reused, and HF_HUB_OFFLINE=1 works)."""
+    if Path(model).expanduser().is_dir():
+        return Path(model).expanduser()
+    if Path(model).exists() or model.startswith((".", "/", "~")) or model.count("/") != 1:
+        raise VLMError(f"{model} is not a checkpoint directory nor a hub repo id (org/name)")
+    from huggingface_hub import errors as E, snapshot_download
+    try:  # weights only as safetensors: pickle (*.bin) files are never fetched, never read
+        return Path(snapshot_download(model, allow_patterns=["*.json", "*.safetensors", "*.jinja"]))
+    except (E.HfHubHTTPError, OSError) as e:
+        why = {E.GatedRepoError: f"is gated: accept its licence at https://huggingface.co/{model} and log in "
+                                 "(`hf auth login` or HF_TOKEN)",  # (a subclass of the next one: test it first)
+               E.RepositoryNotFoundError: "was not found on the Hugging Face Hub (private repos need a login)",
+               E.LocalEntryNotFoundError: "is not in the local Hugging Face cache and the Hub cannot be reached "
+                                          "(HF_HUB_OFFLINE is set or there is no network)"}
+        raise VLMError(f"{model} " + next((w for t, w in why.items() if isinstance(e, t)),
+                                          f"cannot be downloaded: {str(e).splitlines()[0]}")) from None
+
+
+def load_weights(make, folder, rename, device=None, dtype=None):
+    """Build `make()` on the meta device (no memory, no random init) and read the safetensors shards of
+    `folder` into it, with one strict check: every tensor maps to a parameter (`rename` gives its name, or
+    None to skip it), every parameter is found, every shape matches; an error names the key. Defaults:
+    fp32 on CPU (always correct), bf16 on CUDA (half the memory; the checkpoints' own dtype)."""
+    from safetensors import safe_open
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise VLMError("device cuda was asked for but CUDA is not available")
+    dtype = getattr(torch, dtype, dtype) if isinstance(dtype, str) else dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    if dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise VLMError(f"unknown dtype {dtype} (use float32, bfloat16 or float16)")
+    index = Path(folder) / "model.safetensors.index.json"
+    files = sorted(set(read_json(index)["weight_map"].values())) if index.exists() else ["model.safetensors"]
+    if not index.exists() and not (Path(folder) / files[0]).exists():
+        bins = " (its *.bin pickle weights are never loaded, for safety)" if list(Path(folder).glob("*.bin")) else ""
+        raise VLMError(f"no model.safetensors in {folder}{bins}")
+    with torch.device("meta"):
+        model = make()
+    expected, state = model.state_dict(), {}
+    for name in files:
+        try:
+            with safe_open(Path(folder) / name, framework="pt", device=str(device)) as f:
+                for key in f.keys():
+                    if (ours := rename(key)) is None:
+                        continue
+                    if ours not in expected:
+                        raise VLMError(f"unexpected tensor {key} in {name}: not a weight of this model")
+                    if (shape := tuple(f.get_slice(key).get_shape())) != expected[ours].shape:
+                        raise VLMError(f"tensor {key} has shape {shape}, expected {tuple(expected[ours].shape)}")
+                    state[ours] = f.get_tensor(key).to(dtype)
+        except (OSError, RuntimeError, ValueError) as e:  # a missing or truncated shard, a bad header
+            raise VLMError(f"cannot read weights {Path(folder) / name}: {str(e).splitlines()[0]}") from None
+    if missing := [k for k in expected if k not in state]:
+        raise VLMError(f"weight {missing[0]} is missing from {folder} ({len(missing)} missing in all)")
+    model.load_state_dict(state, strict=True, assign=True)
+    return model.to(device).eval()
+
+
+def stop_ids(folder, *extra):
+    """The union of the end ids in config.json (and its text_config), generation_config.json and `extra`."""
+    config, gen = read_json(Path(folder) / "config.json"), Path(folder) / "generation_config.json"
+    ids = {i for i in extra if i is not None}
+    for e in (c.get("eos_token_id") for c in (config, config.get("text_config") or {}, read_json(gen) if gen.exists() else {})):
+        ids.update(e if isinstance(e, list) else [] if e is None else [e])
+    return sorted(ids)
+
+
+# ----------------------------------------------------------------------------- sampling and generation
+
+def sample(logits, temperature=0.0, top_k=None, top_p=None, generator=None):
+    """logits (B, V) -> token ids (B,); temperature 0 is greedy."""
+    if temperature == 0:
+        return logits.argmax(-1)
+    logits = logits.float() / temperature
+    if top_k is not None:
+        logits = logits.masked_fill(logits < logits.topk(min(top_k, logits.shape[-1])).values[:, -1:], float("-inf"))
+    probs = logits.softmax(-1)
+    if top_p is not None and top_p < 1:
+        p, idx = probs.sort(-1, descending=True)
+        p[(p.cumsum(-1) - p) > top_p] = 0  # keep the smallest head of the distribution with mass >= top_p
+        probs = torch.zeros_like(probs).scatter_(-1, idx, p)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def check_sampling(max_new_tokens, temperature, top_k, top_p):
+    """Run by generate() and, before the slow load, by the CLIs: the same message either way."""
+    for bad, message in ((max_new_tokens <= 0, f"max-new-tokens must be positive, got {max_new_tokens}"),
+                         (not 0 <= temperature < math.inf, f"temperature must be >= 0, got {temperature}"),
+                         (top_k is not None and top_k <= 0, f"top-k must be positive, got {top_k}"),
+                         (top_p is not None and not 0 < top_p <= 1, f"top-p must be in (0, 1], got {top_p}")):
+        if bad:
+            raise VLMError(message)
+
+
+@torch.inference_mode()
+def generate(step, logits, max_new_tokens, stop, pad_id, temperature=0.0, top_k=None, top_p=None, seed=None, stream=None):
+    """The decode loop of all three models. `logits` (B, V) come from the prefill's last position;
+    `step(tokens (B,))` runs one cached decode step and returns the next (B, V). A row stops at any id in
+    `stop` and is padded with `pad_id` after. `stream` gets each new (B,) batch. Returns new ids (B, n)."""
+    check_sampling(max_new_tokens, temperature, top_k, top_p)
+    gen = torch.Generator(logits.device).manual_seed(seed) if seed is not None else None
+    stop, done, out = torch.tensor(stop, device=logits.device), torch.zeros(len(logits), dtype=torch.bool, device=logits.device), []
+    for i in range(max_new_tokens):
+        if not torch.isfinite(logits).all():
+            raise VLMError("the model produced non-finite logits: an overflow (float16 overflows in Gemma 2; use "
+                           "--dtype bfloat16 or float32) or corrupted weights")
+        tok = sample(logits, temperature, top_k, top_p, gen).masked_fill(done, pad_id)
+        out.append(tok)
+        if stream is not None:
+            stream(tok)
+        done |= torch.isin(tok, stop)
+        if done.all() or i == max_new_tokens - 1:
+            return torch.stack(out, 1)
+        logits = step(tok)
+
+
+class Streamer:
+    """Prints row 0 of the new ids as text as it comes: decode all so far, print what is new, but hold back
+    a trailing partial UTF-8 character (byte-fallback tokens) until it is whole. Records token times."""
+
+    def __init__(self, decode):
+        self.decode, self.ids, self.shown, self.times = decode, [], 0, [time.perf_counter()]
+
+    def __call__(self, tok=None):  # no token: the end, print the rest and a newline
+        if tok is not None:
+            self.times.append(time.perf_counter())
+            self.ids.append(int(tok[0]))
+        text = self.decode(self.ids)
+        if tok is None or not text.endswith("\ufffd"):
+            print(text[self.shown:], end="" if tok is not None else "\n", flush=True)
+            self.shown = len(text)
+
+    def report(self, t_load):
+        t, n = self.times, len(self.times) - 1
+        rate = (n - 1) / (t[-1] - t[1]) if n > 1 else float("nan")
+        print(f"load {t_load:.2f} s, prefill {t[1] - t[0]:.2f} s (to the first token), decode {rate:.1f} tokens/s ({n} tokens)", file=sys.stderr)
+
+
+# ----------------------------------------------------------------------------- command line
+
+def cli_parser(description, default_model):
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--model", default=default_model, help=f"hub repo id or local directory (default {default_model})")
+    p.add_argument("--image", action="append", default=[], help="an image file (repeat for several)")
+    p.add_argument("--prompt", default="", help="the text prompt")
+    p.add_argument("--max-new-tokens", type=int, default=100, help="at most this many new tokens (default 100)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (the default)")
+    p.add_argument("--top-k", type=int, default=None, help="sample only from the k most likely tokens")
+    p.add_argument("--top-p", type=float, default=None, help="sample only from the smallest set with this mass")
+    p.add_argument("--seed", type=int, default=None, help="seed for sampling")
+    p.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: float32 on CPU, bfloat16 on CUDA)")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--verbose", action="store_true", help="print timings (load, prefill, tokens/s) to stderr")
+    return p
+
+
+def run_cli(main):
+    """Our errors become `error: <one line>` and exit code 1; any other exception is a bug and keeps its
+    traceback."""
+    try:
+        main()
+    except VLMError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        sys.exit(130)

@@ -1,0 +1,439 @@
+"""paligemma.py against transformers on tiny hub-layout checkpoints (PaliGemma 1 = Gemma, PaliGemma 2 = Gemma 2).
+
+Tolerance: fp32 logits within 1e-4 (the tiny models' logits are O(10); fp32 rounding of a 4-layer network
+is O(1e-6), so 1e-4 leaves room for different kernel orders yet catches any real mistake, which moves
+logits by O(0.1..10))."""
+import json
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import paligemma as P
+import paligemma_fixture
+from common import VLMError
+from conftest import ROOT
+
+VARIANTS = ["pg1", "pg2"]
+PROMPTS = ["caption en", "answer en where is the cow standing?"]
+
+
+@pytest.fixture(scope="session")
+def ckpt(tmp_path_factory):
+    """pg1: one fp32 model.safetensors; pg2: two bf16 shards with an index (as PaliGemma 2 was released)."""
+    root = tmp_path_factory.mktemp("paligemma")
+    return {"pg1": paligemma_fixture.build(root / "pg1", "pg1"),
+            "pg2": paligemma_fixture.build(root / "pg2", "pg2", shards=2, dtype=torch.bfloat16)}
+
+
+@pytest.fixture(scope="session")
+def ours(ckpt):
+    return {v: P.load(str(ckpt[v])) for v in VARIANTS}
+
+
+@pytest.fixture(scope="session")
+def hf(ckpt):
+    from transformers import AutoProcessor, PaliGemmaForConditionalGeneration
+    return {v: (PaliGemmaForConditionalGeneration.from_pretrained(ckpt[v], dtype=torch.float32).eval(),
+                AutoProcessor.from_pretrained(ckpt[v])) for v in VARIANTS}
+
+
+def hf_inputs(inputs):
+    """transformers' forward counts positions from the start of a padded row; ours (like its generate) from
+    the first real token. Passing ours makes the two comparable on left-padded batches."""
+    x = {k: v for k, v in inputs.items() if k != "labels"}
+    x["position_ids"] = inputs["attention_mask"].cumsum(-1).clamp(min=1)
+    return x
+
+
+# ----------------------------------------------------------------------------- fixture and config
+
+def test_fixture_is_in_hub_layout(ckpt):
+    from safetensors import safe_open
+    index = json.loads((ckpt["pg2"] / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) == 2
+    with safe_open(ckpt["pg1"] / "model.safetensors", "pt") as f:
+        keys = list(f.keys())
+        assert f.get_tensor(keys[0]).dtype == torch.float32
+    assert all(k.startswith(("vision_tower.vision_model.", "language_model.model.", "multi_modal_projector.linear."))
+               for k in keys)
+    assert not any("lm_head" in k for k in keys)
+    with safe_open(ckpt["pg2"] / "model-00001-of-00002.safetensors", "pt") as f:
+        assert f.get_tensor(next(iter(f.keys()))).dtype == torch.bfloat16
+    assert "rope_parameters" not in (ckpt["pg2"] / "config.json").read_text()  # the 4.x hub form
+
+
+REAL_CONFIGS = {  # hub config.json of released sizes, as written by the conversion scripts (4.x form)
+    "paligemma-3b-pt-224": {"model_type": "paligemma", "image_token_index": 257152, "projection_dim": 2048,
+        "text_config": {"hidden_size": 2048, "intermediate_size": 16384, "model_type": "gemma", "num_attention_heads": 8,
+                        "num_hidden_layers": 18, "num_image_tokens": 256, "num_key_value_heads": 1, "torch_dtype": "float32",
+                        "vocab_size": 257216},
+        "vision_config": {"hidden_size": 1152, "intermediate_size": 4304, "model_type": "siglip_vision_model",
+                          "num_attention_heads": 16, "num_hidden_layers": 27, "num_image_tokens": 256, "patch_size": 14,
+                          "projection_dim": 2048, "projector_hidden_act": "gelu_fast", "vision_use_head": False}},
+    "paligemma2-28b-pt-896": {"model_type": "paligemma", "image_token_index": 257152, "projection_dim": 4608,
+        "text_config": {"hidden_size": 4608, "intermediate_size": 36864, "model_type": "gemma2", "num_attention_heads": 32,
+                        "num_hidden_layers": 46, "num_key_value_heads": 16, "head_dim": 128, "query_pre_attn_scalar": 144,
+                        "vocab_size": 257216, "rope_parameters": {"rope_theta": 10000.0, "rope_type": "default"}},
+        "vision_config": {"hidden_size": 1152, "image_size": 896, "intermediate_size": 4304, "model_type": "siglip_vision_model",
+                          "num_attention_heads": 16, "num_hidden_layers": 27, "patch_size": 14, "projection_dim": 4608,
+                          "vision_use_head": False}},
+}
+
+
+@pytest.mark.parametrize("name", REAL_CONFIGS)
+def test_config_defaults_match_transformers(name, tmp_path):
+    """Fields a hub config leaves out must get transformers' defaults (head_dim 256, softcaps, window...)."""
+    from transformers import PaliGemmaConfig
+    (tmp_path / "config.json").write_text(json.dumps(REAL_CONFIGS[name]))
+    ours, theirs = P.Config.from_folder(tmp_path), PaliGemmaConfig.from_pretrained(tmp_path)
+    t, h = ours.text, theirs.text_config
+    for f in ["vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+              "num_key_value_heads", "head_dim", "rms_norm_eps", "max_position_embeddings"]:
+        assert getattr(t, f) == getattr(h, f), f
+    assert t.rope_theta == h.rope_parameters["rope_theta"]
+    if t.model_type == "gemma2":
+        for f in ["query_pre_attn_scalar", "attn_logit_softcapping", "final_logit_softcapping", "sliding_window", "layer_types"]:
+            assert getattr(t, f) == getattr(h, f), f
+    for f in ["hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "image_size",
+              "patch_size", "layer_norm_eps"]:
+        assert getattr(ours.vision, f) == getattr(theirs.vision_config, f), f
+    assert ours.image_token_index == theirs.image_token_id
+
+
+# ----------------------------------------------------------------------------- processor
+
+def assert_same_inputs(ours, theirs):
+    assert list(ours) == list(theirs)
+    for k in theirs:
+        assert ours[k].shape == theirs[k].shape, k
+        assert ours[k].dtype == theirs[k].dtype, k
+        assert torch.equal(ours[k], theirs[k]), k
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_processor_matches_transformers(variant, ours, hf, images):
+    proc, hproc = ours[variant][1], hf[variant][1]
+    cases = [
+        dict(text=["caption en"], images=[[images[0]]]),
+        dict(text=PROMPTS + [""], images=[[images[0]], [images[1]], [images[3]]]),  # left padding, empty prompt
+        dict(text=["answer en how many?", "ocr"], images=[[images[0], images[2]], [images[1]]]),  # two images
+        dict(text=["<image><image>compare these"], images=[[images[1], images[2]]]),  # placeholders in the text
+        dict(text=PROMPTS, images=[[images[0]], [images[2]]], suffix=["a cow", "on the beach, far away"]),
+        dict(text=["detect <loc0012> é ü 🐄 cat ; dog"], images=[[images[3]]]),
+    ]
+    for case in cases:
+        assert_same_inputs(proc(**case), hproc(**case, return_tensors="pt", padding="longest"))
+
+
+def test_processor_errors(ours, images):
+    proc = ours["pg1"][1]
+    with pytest.raises(VLMError, match="2 <image> placeholders but 1 images"):
+        proc(text=["<image><image>x"], images=[[images[0]]])
+    with pytest.raises(VLMError, match="needs at least one image"):
+        proc(text=["x"])
+
+
+def test_image_modes_converted_like_transformers(tmp_path, images):
+    """RGBA/LA/P composited on white, L/CMYK/I;16 converted: equal to transformers' convert_to_rgb."""
+    from transformers.image_transforms import convert_to_rgb
+    rgb = images[0]
+    a = Image.fromarray(np.linspace(0, 255, rgb.size[0] * rgb.size[1]).reshape(rgb.size[::-1]).astype(np.uint8))
+    rgba = rgb.copy()
+    rgba.putalpha(a)
+    p = rgb.convert("P")
+    p.info["transparency"] = 3
+    i16 = Image.fromarray((np.asarray(rgb.convert("L"), dtype=np.uint16) * 3)).convert("I;16")
+    for im in [rgba, rgb.convert("LA"), p, rgb.convert("L"), rgb.convert("CMYK"), i16, rgb.convert("1")]:
+        from common import to_rgb
+        assert np.array_equal(np.asarray(to_rgb(im)), convert_to_rgb(im, return_numpy=True)), im.mode
+
+
+def test_exif_orientation_applied(tmp_path, images):
+    from transformers.image_utils import load_image
+    from common import open_image
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise to display
+    path = tmp_path / "rotated photo é.jpg"
+    images[0].save(path, exif=exif)
+    ours = open_image(path)
+    assert ours.size == images[0].size[::-1]
+    assert np.array_equal(np.asarray(ours), np.asarray(load_image(str(path)).convert("RGB")))
+
+
+# ----------------------------------------------------------------------------- model parity
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_logits_match_transformers(variant, ours, hf, images):
+    model, proc = ours[variant]
+    inputs = proc(text=PROMPTS + ["caption es"], images=[[images[0]], [images[1]], [images[2]]])
+    with torch.no_grad():
+        a = model(**inputs)
+        b = hf[variant][0](**hf_inputs(inputs)).logits
+    real = inputs["attention_mask"].bool()
+    assert (a - b)[real].abs().max() <= 1e-4
+    # the image must matter: another image moves the logits far beyond the tolerance
+    with torch.no_grad():
+        c = model(**proc(text=PROMPTS + ["caption es"], images=[[images[3]], [images[1]], [images[2]]]))
+    assert (a - c)[0, -1].abs().max() > 0.1
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_greedy_tokens_match_transformers(variant, ours, hf, images):
+    model, proc = ours[variant]
+    inputs = proc(text=PROMPTS, images=[[images[0]], [images[1]]])
+    T = inputs["input_ids"].shape[1]
+    new = model.generate(**inputs, max_new_tokens=16)
+    hmodel = hf[variant][0]
+    ref = hmodel.generate(**{k: v for k, v in inputs.items() if k != "labels"}, max_new_tokens=16,
+                          do_sample=False)[:, T:]
+    assert new.shape == (2, 16) and torch.equal(new, ref)
+    # the comparison means something only if the path is not a near-tie nor one repeated token
+    with torch.no_grad():
+        logits = hmodel(input_ids=torch.cat([inputs["input_ids"], ref], 1), pixel_values=inputs["pixel_values"],
+                        attention_mask=torch.cat([inputs["attention_mask"], torch.ones_like(ref)], 1),
+                        token_type_ids=torch.cat([inputs["token_type_ids"], torch.ones_like(ref)], 1)).logits
+    top2 = logits[:, T - 1:-1].topk(2).values
+    assert (top2[..., 0] - top2[..., 1]).min() > 1e-2
+    assert all(len(set(row.tolist())) >= 4 for row in ref)
+    assert proc.decode(new[0]) == hf[variant][1].decode(new[0], skip_special_tokens=True)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_cached_generation_equals_uncached(variant, ours, images):
+    """Greedy with the KV cache == greedy recomputing the whole sequence with model() at every step."""
+    model, proc = ours[variant]
+    inputs = proc(text=["answer en what is this?"], images=[[images[2]]])
+    new = model.generate(**inputs, max_new_tokens=12)
+    ids, mask, types = inputs["input_ids"], inputs["attention_mask"], inputs["token_type_ids"]
+    for _ in range(12):
+        with torch.no_grad():
+            nxt = model(ids, inputs["pixel_values"], mask, types)[:, -1].argmax(-1, keepdim=True)
+        ids, mask, types = (torch.cat([t, v], 1) for t, v in ((ids, nxt), (mask, torch.ones_like(nxt)), (types, torch.ones_like(nxt))))
+    assert torch.equal(new, ids[:, -12:])
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_left_padded_batch_equals_rows_alone(variant, ours, images):
+    model, proc = ours[variant]
+    texts, imgs = ["caption en", "answer en where is the cow standing? tell me more"], [[images[0]], [images[3]]]
+    batch = model.generate(**proc(text=texts, images=imgs), max_new_tokens=10)
+    for i in range(2):
+        alone = model.generate(**proc(text=[texts[i]], images=[imgs[i]]), max_new_tokens=10)
+        assert torch.equal(batch[i], alone[0])
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_suffix_training_case(variant, ours, hf, images):
+    """With a suffix the prefix is bidirectional and the suffix causal; logits and the loss match."""
+    model, proc = ours[variant]
+    inputs = proc(text=PROMPTS, images=[[images[0]], [images[1]]], suffix=["a cow", "on the sandy beach"])
+    with torch.no_grad():
+        a = model(**inputs)
+        out = hf[variant][0](**hf_inputs(inputs), labels=inputs["labels"])
+    real = inputs["attention_mask"].bool()
+    assert (a - out.logits)[real].abs().max() <= 1e-4
+    labels = inputs["labels"]
+    loss = torch.nn.functional.cross_entropy(a[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
+    assert abs(loss.item() - out.loss.item()) < 1e-4
+
+
+def test_prefix_is_bidirectional_and_suffix_causal(ours, images):
+    model, proc = ours["pg1"]
+    base = proc(text=["caption en"], images=[[images[0]]], suffix=["a cow on the beach"])
+    n_prefix = int((base["token_type_ids"][0] == 0).sum())
+    with torch.no_grad():
+        ref = model(**base)
+        changed = dict(base, input_ids=base["input_ids"].clone())
+        changed["input_ids"][0, n_prefix - 2] = 40  # a later *prefix* token: earlier prefix positions see it
+        a = model(**changed)
+        changed["input_ids"] = base["input_ids"].clone()
+        changed["input_ids"][0, -1] = 40  # the last *suffix* token: nothing before it may see it
+        b = model(**changed)
+    assert (a - ref)[0, :n_prefix - 2].abs().max() > 1e-2
+    assert torch.equal(b[0, :-1], ref[0, :-1])
+
+
+def test_sliding_window_is_exercised(ours, hf, images):
+    """pg2's window (24) is shorter than the prompt + generation; the window really changes the outcome and
+    the prefix stays bidirectional across it, as in transformers."""
+    model, proc = ours["pg2"]
+    inputs = proc(text=["answer en where is the cow standing? describe the picture in detail"], images=[[images[0]]])
+    assert inputs["input_ids"].shape[1] > model.cfg.text.sliding_window
+    T = inputs["input_ids"].shape[1]
+    new = model.generate(**inputs, max_new_tokens=16)
+    ref = hf["pg2"][0].generate(**{k: v for k, v in inputs.items() if k != "labels"}, max_new_tokens=16, do_sample=False)
+    assert torch.equal(new, ref[:, T:])
+    inputs = proc(text=["answer en where is the cow standing? describe the picture in detail"], images=[[images[0]]],
+                  suffix=["on the beach"])
+    prefix = inputs["token_type_ids"][0] == 0
+    with torch.no_grad():
+        windowed = model(**inputs)
+        model.cfg.text.sliding_window = 10_000
+        try:
+            full = model(**inputs)
+        finally:
+            model.cfg.text.sliding_window = 24
+    assert torch.equal(windowed[0, prefix], full[0, prefix])  # the prefix ignores the window
+    assert (windowed[0, ~prefix] - full[0, ~prefix]).abs().max() > 1e-2  # the suffix does not
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_bfloat16_agrees_loosely(variant, ckpt, hf, images):
+    """bf16 keeps ~3 significant digits, so logits of magnitude ~10 may differ by ~0.1 after a few layers; we
+    require the two bf16 runs to agree within 5% of the logit range and on the top-1 token at most positions."""
+    from transformers import PaliGemmaForConditionalGeneration
+    model, proc = P.load(str(ckpt[variant]), dtype=torch.bfloat16)
+    assert model.language_model.embed_tokens.weight.dtype == torch.bfloat16
+    theirs = PaliGemmaForConditionalGeneration.from_pretrained(ckpt[variant], dtype=torch.bfloat16).eval()
+    inputs = proc(text=PROMPTS, images=[[images[0]], [images[1]]])
+    with torch.no_grad():
+        a = model(**inputs).float()
+        b = theirs(**hf_inputs(inputs)).logits.float()
+    real = inputs["attention_mask"].bool()
+    assert (a - b)[real].abs().max() <= 0.05 * (b[real].max() - b[real].min())
+    assert (a.argmax(-1) == b.argmax(-1))[real].float().mean() >= 0.9
+
+
+def test_float16_runs_or_fails_clearly(ckpt, images):
+    model, proc = P.load(str(ckpt["pg1"]), dtype=torch.float16)
+    new = model.generate(**proc(text=["caption en"], images=[[images[0]]]), max_new_tokens=4)
+    assert new.shape == (1, 4)
+
+
+def test_non_finite_logits_raise(ckpt, images, tmp_path):
+    model, proc = P.load(str(ckpt["pg1"]))
+    with torch.no_grad():
+        model.language_model.norm.weight[0] = float("inf")  # a corrupted weight
+    with pytest.raises(VLMError, match="non-finite logits"):
+        model.generate(**proc(text=["caption en"], images=[[images[0]]]), max_new_tokens=4)
+
+
+def test_sampling_is_seeded(ours, images):
+    model, proc = ours["pg1"]
+    inputs = proc(text=["caption en"], images=[[images[0]]])
+    a = model.generate(**inputs, max_new_tokens=8, temperature=1.5, top_p=0.9, top_k=50, seed=7)
+    b = model.generate(**inputs, max_new_tokens=8, temperature=1.5, top_p=0.9, top_k=50, seed=7)
+    hot = [model.generate(**inputs, max_new_tokens=8, temperature=50.0, seed=s) for s in range(3)]
+    assert not torch.equal(hot[0], hot[1]) or not torch.equal(hot[1], hot[2])
+    assert torch.equal(a, b)
+
+
+def test_stops_at_end_token(ckpt, images, tmp_path):
+    """Make the first greedy token an end token: that row stops and the rest is padding."""
+    dst = tmp_path / "ckpt"
+    shutil.copytree(ckpt["pg1"], dst)
+    model, proc = P.load(str(dst))
+    inputs = proc(text=["caption en"], images=[[images[0]]])
+    first = int(model.generate(**inputs, max_new_tokens=1)[0, 0])
+    (dst / "generation_config.json").write_text(json.dumps({"eos_token_id": [1, first]}))
+    model, proc = P.load(str(dst))
+    assert first in model.stop and 1 in model.stop
+    new = model.generate(**inputs, max_new_tokens=8)
+    assert new.shape == (1, 1) and proc.decode(new[0]) == ""
+
+
+# ----------------------------------------------------------------------------- command line and loading
+
+def run_cli(*args, env=None):
+    return subprocess.run([sys.executable, str(ROOT / "paligemma.py"), *args], capture_output=True, text=True,
+                          env=env, timeout=300)
+
+
+def cli_in_process(*args):
+    """The CLI's main() and error handling, without paying a Python start per case."""
+    import contextlib
+    import io
+    import common
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            common.run_cli(lambda: P.main(list(args)))
+            code = 0
+        except SystemExit as e:
+            code = e.code
+    return subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
+
+
+def test_cli_streams_the_greedy_answer(ckpt, ours, images, tmp_path):
+    path = tmp_path / "cat picture.png"
+    images[0].save(path)
+    r = run_cli("--model", str(ckpt["pg2"]), "--image", str(path), "--prompt", "caption en", "--max-new-tokens", "12",
+                "--verbose")
+    assert r.returncode == 0, r.stderr
+    model, proc = ours["pg2"]
+    expected = proc.decode(model.generate(**proc(text=["caption en"], images=[[open_path(path)]]), max_new_tokens=12)[0])
+    assert r.stdout == expected + "\n"
+    assert "tokens/s" in r.stderr and "load" in r.stderr
+
+
+def open_path(p):
+    from common import open_image
+    return open_image(p)
+
+
+def test_offline_repo_id_from_hub_cache(ckpt, tmp_path):
+    """A repo id resolves from a hub-style cache with HF_HUB_OFFLINE=1; an uncached one fails in one line."""
+    snap = tmp_path / "hub" / "models--google--paligemma-tiny" / "snapshots" / "0123456789abcdef"
+    shutil.copytree(ckpt["pg1"], snap)
+    (tmp_path / "hub" / "models--google--paligemma-tiny" / "refs").mkdir()
+    (tmp_path / "hub" / "models--google--paligemma-tiny" / "refs" / "main").write_text("0123456789abcdef")
+    env = {**__import__("os").environ, "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1"}
+    code = "import paligemma; m, p = paligemma.load('google/paligemma-tiny'); print(type(m).__name__)"
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip() == "PaliGemma", r.stderr
+    img = tmp_path / "x.png"
+    Image.new("RGB", (20, 20)).save(img)
+    r = run_cli("--model", "google/not-cached", "--image", str(img), env=env)
+    assert r.returncode == 1 and r.stderr.count("\n") == 1
+    assert "not in the local Hugging Face cache" in r.stderr
+
+
+def test_cli_bad_inputs_fail_in_one_line(ckpt, tmp_path):
+    good = tmp_path / "ok.png"
+    Image.new("RGB", (20, 20), "red").save(good)
+    truncated = tmp_path / "cut.jpg"
+    Image.new("RGB", (200, 200), "blue").save(truncated, quality=95)
+    truncated.write_bytes(truncated.read_bytes()[:300])
+    text = tmp_path / "notes.jpg"
+    text.write_text("not an image")
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    bad_shape = tmp_path / "bad_shape"
+    shutil.copytree(ckpt["pg1"], bad_shape)
+    from safetensors.torch import load_file, save_file
+    sd = load_file(bad_shape / "model.safetensors")
+    sd["multi_modal_projector.linear.bias"] = torch.zeros(3)
+    save_file(sd, bad_shape / "model.safetensors")
+    missing = tmp_path / "missing"
+    shutil.copytree(ckpt["pg1"], missing)
+    del sd["multi_modal_projector.linear.bias"]
+    save_file(sd, missing / "model.safetensors")
+    m = str(ckpt["pg1"])
+    cases = [
+        (["--model", m, "--image", str(tmp_path / "nope.png")], "No such file or directory"),
+        (["--model", m, "--image", str(tmp_path)], "Is a directory"),
+        (["--model", m, "--image", str(truncated)], "cannot be read"),
+        (["--model", m, "--image", str(text)], "cannot be read"),
+        (["--model", m], "needs an image"),
+        (["--model", str(other), "--image", str(good)], "not PaliGemma"),
+        (["--model", str(tmp_path / "nowhere"), "--image", str(good)], "not a checkpoint directory"),
+        (["--model", str(bad_shape), "--image", str(good)], "multi_modal_projector.linear.bias has shape (3,)"),
+        (["--model", str(missing), "--image", str(good)], "multi_modal_projector.linear.bias is missing"),
+        (["--model", m, "--image", str(good), "--prompt", "x" * 9000], "exceed the model's context"),
+        (["--model", m, "--image", str(good), "--max-new-tokens", "0"], "max-new-tokens must be positive"),
+        (["--model", m, "--image", str(good), "--temperature", "-1"], "temperature must be >= 0"),
+        (["--model", m, "--image", str(good), "--top-p", "1.5"], "top-p must be in (0, 1]"),
+        (["--model", m, "--image", str(good), "--dtype", "float64"], "unknown dtype"),
+    ]
+    for i, (args, message) in enumerate(cases):
+        r = run_cli(*args) if i < 2 else cli_in_process(*args)  # two through a real process, the rest in this one
+        assert r.returncode == 1, (args, r.stderr)
+        assert r.stderr.startswith("error: ") and r.stderr.count("\n") == 1, (args, r.stderr)
+        assert message in r.stderr, (args, r.stderr)
+        assert r.stdout == ""
