@@ -228,7 +228,7 @@ def load_weights(make, folder, rename, device=None, dtype=None):
     `folder` into it, with one strict check: every tensor maps to a parameter (`rename` gives its name, or
     None to skip it), every parameter is found, every shape matches; an error names the key. Defaults:
     fp32 on CPU (always correct), bf16 on CUDA (half the memory; the checkpoints' own dtype)."""
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
         raise VLMError("device cuda was asked for but CUDA is not available")
@@ -254,7 +254,7 @@ def load_weights(make, folder, rename, device=None, dtype=None):
                     if (shape := tuple(f.get_slice(key).get_shape())) != expected[ours].shape:
                         raise VLMError(f"tensor {key} has shape {shape}, expected {tuple(expected[ours].shape)}")
                     state[ours] = f.get_tensor(key).to(dtype)
-        except (OSError, RuntimeError, ValueError) as e:  # a missing or truncated shard, a bad header
+        except (OSError, RuntimeError, ValueError, SafetensorError) as e:  # a missing or truncated shard, a bad header
             raise VLMError(f"cannot read weights {Path(folder) / name}: {str(e).splitlines()[0]}") from None
     if missing := [k for k in expected if k not in state]:
         raise VLMError(f"weight {missing[0]} is missing from {folder} ({len(missing)} missing in all)")

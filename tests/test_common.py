@@ -1,0 +1,165 @@
+"""common.py on its own: masks, attention, RoPE, sampling, loading and resolution errors."""
+import json
+
+import pytest
+import torch
+import torch.nn as nn
+from safetensors.torch import save_file
+
+import common
+from common import VLMError
+
+
+def test_make_mask_causal_window_prefix_and_pads():
+    keys = torch.tensor([[0, 1, 1, 1, 1, 1]]).bool()  # one left pad
+    m = common.make_mask(keys, 6)[0, 0]
+    assert not m[1:, 0].any()  # the pad is never a key
+    assert m[0, 0]  # ... but a pad query sees itself, so its row is not empty
+    assert torch.equal(m[1:, 1:], torch.ones(5, 5).tril().bool())
+    w = common.make_mask(keys, 6, window=2)[0, 0]
+    assert w[5].tolist() == [False, False, False, False, True, True]
+    prefix = torch.tensor([[0, 1, 1, 1, 0, 0]]).bool()  # tokens 1..3 see each other both ways
+    p = common.make_mask(keys, 6, window=2, prefix=prefix)[0, 0]
+    assert p[1, 3] and p[3, 1] and not p[1, 4]
+    assert p[5].tolist() == [False, False, False, False, True, True]  # the suffix still slides
+    assert common.make_mask(torch.ones(2, 5, dtype=torch.bool), 1) is None  # decode, no pads: no mask
+    assert common.make_mask(torch.ones(1, 4, dtype=torch.bool), 4, prefix=torch.ones(1, 4, dtype=torch.bool)) is None
+    assert common.make_mask(keys, 2).shape == (1, 1, 2, 6)  # the last 2 queries against 6 keys
+
+
+def test_attend_softcap_path_equals_reference():
+    torch.manual_seed(0)
+    q, k, v = torch.randn(2, 4, 5, 8), torch.randn(2, 2, 7, 8), torch.randn(2, 2, 7, 8)
+    mask = common.make_mask(torch.ones(2, 7, dtype=torch.bool), 5)
+    kr, vr = k.repeat_interleave(2, 1), v.repeat_interleave(2, 1)
+    s = torch.tanh(q @ kr.transpose(-1, -2) * 0.3 / 5.0) * 5.0
+    ref = s.masked_fill(~mask, float("-inf")).softmax(-1) @ vr
+    assert torch.allclose(common.attend(q, k, v, mask, 0.3, softcap=5.0), ref, atol=1e-6)
+    sdpa_ref = (q @ kr.transpose(-1, -2) * 0.3).masked_fill(~mask, float("-inf")).softmax(-1) @ vr
+    assert torch.allclose(common.attend(q, k, v, mask, 0.3), sdpa_ref, atol=1e-5)
+
+
+def test_rope_matches_transformers():
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply_rotary_pos_emb
+    from transformers import LlamaConfig
+    cfg = LlamaConfig(hidden_size=64, num_attention_heads=2, rope_theta=500000.0, max_position_embeddings=64)
+    rot = LlamaRotaryEmbedding(cfg)
+    pos = torch.tensor([[0, 1, 5, 40]])
+    x = torch.randn(1, 1, 4, 32)
+    cos, sin = rot(x, pos)
+    ref, _ = apply_rotary_pos_emb(x, x, cos, sin)
+    c2, s2 = common.rope_cos_sin(common.rope_inv_freq(32, 500000.0), pos, torch.float32)
+    assert torch.allclose(common.apply_rope(x, c2, s2), ref, atol=1e-6)
+    assert common.rope_theta({"rope_theta": 5.0}) == common.rope_theta({"rope_parameters": {"rope_theta": 5.0}}) == 5.0
+
+
+def test_kv_cache_writes_in_place():
+    cache = common.KVCache(2, 1, 1, 10, 4, torch.float32, "cpu")
+    ptr = cache.k.data_ptr()
+    k, v = cache.update(1, torch.ones(1, 1, 3, 4), torch.ones(1, 1, 3, 4))
+    assert k.shape == (1, 1, 3, 4) and cache.k.data_ptr() == ptr
+    cache.len = 3
+    k, _ = cache.update(1, 2 * torch.ones(1, 1, 1, 4), torch.ones(1, 1, 1, 4))
+    assert k.shape == (1, 1, 4, 4) and k[0, 0, 3, 0] == 2 and k[0, 0, 0, 0] == 1
+
+
+def test_sampling():
+    logits = torch.tensor([[0.0, 3.0, 2.9, -5.0], [1.0, 0.0, 0.0, 9.0]])
+    assert common.sample(logits).tolist() == [1, 3]
+    g = torch.Generator().manual_seed(0)
+    draws = torch.stack([common.sample(logits, 1.0, top_k=2, generator=g) for _ in range(200)])
+    assert set(draws[:, 0].tolist()) == {1, 2}  # top-k = 2 keeps exactly the two best
+    draws = torch.stack([common.sample(logits, 1.0, top_p=0.5, generator=g) for _ in range(200)])
+    assert set(draws[:, 0].tolist()) == {1}  # the best token alone already has mass >= 0.5
+    draws = torch.stack([common.sample(logits, 1.0, top_p=0.9, generator=g) for _ in range(300)])
+    assert set(draws[:, 0].tolist()) == {1, 2}
+    for bad in [dict(max_new_tokens=0), dict(temperature=-0.5), dict(temperature=float("nan")), dict(top_p=0.0),
+                dict(top_p=1.2), dict(top_k=0)]:
+        args = dict(max_new_tokens=4, temperature=1.0, top_k=None, top_p=None) | bad
+        with pytest.raises(VLMError):
+            common.check_sampling(**args)
+
+
+def test_generate_loop_stops_rows_and_pads():
+    steps = iter([torch.tensor([[0.0, 0, 9, 0], [0, 0, 0, 9]]), torch.tensor([[0.0, 0, 0, 9], [9.0, 0, 0, 0]])])
+    first = torch.tensor([[9.0, 0, 0, 0], [0, 0, 9.0, 0]])
+    seen = []
+    out = common.generate(lambda tok: next(steps), first, 10, stop=[3], pad_id=0, stream=seen.append)
+    assert out.tolist() == [[0, 2, 3], [2, 3, 0]]  # row 1 stops at 3 and is padded after; then row 0 stops
+    assert len(seen) == 3
+
+
+class Tiny(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(3, 2)
+
+
+def test_load_weights_strict_errors(tmp_path):
+    good = {"a.weight": torch.randn(2, 3), "a.bias": torch.randn(2)}
+    save_file(good, tmp_path / "model.safetensors")
+    m = common.load_weights(Tiny, tmp_path, lambda k: k)
+    assert torch.equal(m.a.weight, good["a.weight"]) and m.a.weight.device.type == "cpu"
+    m = common.load_weights(Tiny, tmp_path, lambda k: k, dtype="bfloat16")
+    assert m.a.weight.dtype == torch.bfloat16
+    cases = [({**good, "b.weight": torch.zeros(1)}, "unexpected tensor b.weight"),
+             ({"a.weight": good["a.weight"]}, "weight a.bias is missing"),
+             ({**good, "a.bias": torch.zeros(5)}, "tensor a.bias has shape (5,), expected (2,)")]
+    for state, message in cases:
+        save_file(state, tmp_path / "model.safetensors")
+        with pytest.raises(VLMError, match=message.replace("(", r"\(").replace(")", r"\)")):
+            common.load_weights(Tiny, tmp_path, lambda k: k)
+    save_file(good, tmp_path / "model.safetensors")
+    data = (tmp_path / "model.safetensors").read_bytes()
+    (tmp_path / "model.safetensors").write_bytes(data[:-10])
+    with pytest.raises(VLMError, match="cannot read weights"):
+        common.load_weights(Tiny, tmp_path, lambda k: k)
+    (tmp_path / "model.safetensors").unlink()
+    (tmp_path / "pytorch_model.bin").write_bytes(b"pickle")
+    with pytest.raises(VLMError, match="pickle weights are never loaded"):
+        common.load_weights(Tiny, tmp_path, lambda k: k)
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"a.weight": "model-1.safetensors"}}))
+    with pytest.raises(VLMError, match="cannot read weights .*model-1.safetensors"):
+        common.load_weights(Tiny, tmp_path, lambda k: k)
+    with pytest.raises(VLMError, match="unknown dtype"):
+        common.load_weights(Tiny, tmp_path, lambda k: k, dtype="float64")
+    if not torch.cuda.is_available():
+        with pytest.raises(VLMError, match="CUDA is not available"):
+            common.load_weights(Tiny, tmp_path, lambda k: k, device="cuda")
+
+
+def test_read_json_errors(tmp_path):
+    with pytest.raises(VLMError, match="config.json not found"):
+        common.read_json(tmp_path / "config.json")
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(VLMError, match="is not valid JSON"):
+        common.read_json(tmp_path / "config.json")
+
+
+def test_resolve_errors(monkeypatch, tmp_path):
+    import huggingface_hub
+    from huggingface_hub import errors
+    with pytest.raises(VLMError, match="not a checkpoint directory nor a hub repo id"):
+        common.resolve(str(tmp_path / "missing"))
+    response = type("R", (), {"status_code": 403, "headers": {}, "request": None, "url": "u", "json": lambda s: {}})()
+
+    def gated(*a, **k):
+        raise errors.GatedRepoError("403 gated", response=response)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", gated)
+    with pytest.raises(VLMError, match="is gated: accept its licence at https://huggingface.co/google/x and log in"):
+        common.resolve("google/x")
+
+    def offline(*a, **k):
+        raise errors.LocalEntryNotFoundError("nothing cached")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
+    with pytest.raises(VLMError, match="not in the local Hugging Face cache"):
+        common.resolve("google/x")
+    assert common.resolve(str(tmp_path)) == tmp_path
+
+
+def test_stop_ids_union(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"eos_token_id": 1, "text_config": {"eos_token_id": [1, 107]}}))
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [5]}))
+    assert common.stop_ids(tmp_path, 9, None) == [1, 5, 9, 107]
