@@ -240,8 +240,12 @@ def load_weights(make, folder, rename, device=None, dtype=None):
     if not index.exists() and not (Path(folder) / files[0]).exists():
         bins = " (its *.bin pickle weights are never loaded, for safety)" if list(Path(folder).glob("*.bin")) else ""
         raise VLMError(f"no model.safetensors in {folder}{bins}")
-    with torch.device("meta"):
-        model = make()
+    reset, nn.Embedding.reset_parameters = nn.Embedding.reset_parameters, lambda self: None
+    try:  # (random init of an embedding on the meta device would import torch._dynamo: ~2 s for nothing)
+        with torch.device("meta"):
+            model = make()
+    finally:
+        nn.Embedding.reset_parameters = reset
     expected, state = model.state_dict(), {}
     for name in files:
         try:

@@ -106,15 +106,18 @@ def tuned(name, t, gemma2):
     return t
 
 
-def build(folder, variant="pg1", shards=1, dtype=torch.float32, shapes=None, seed=None, check=True):
-    """Write a checkpoint directory. `shapes` overrides TINY[variant] (bench/ uses real sizes)."""
+def build(folder, variant="pg1", shards=1, dtype=torch.float32, shapes=None, seed=None, check=True,
+          unreachable_eos=False):
+    """Write a checkpoint directory. `shapes` overrides TINY[variant] (bench/ uses real sizes, including a
+    real `vocab_size`); `unreachable_eos` zeroes the end tokens' output rows so that greedy decoding never
+    stops early (a benchmark then always generates the same number of tokens)."""
     from transformers import PaliGemmaConfig, PaliGemmaForConditionalGeneration
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     image_id, n_tokens = gemma_tokenizer(folder)
     spec = shapes or TINY[variant]
-    vocab = (n_tokens + 63) // 64 * 64  # the conversion pads the embedding to a multiple of 64
     vis, txt = dict(spec["vision"]), dict(spec["text"])
+    vocab = txt.pop("vocab_size", (n_tokens + 63) // 64 * 64)  # the conversion pads to a multiple of 64
     n_img = (vis["image_size"] // vis["patch_size"]) ** 2
     gemma2 = txt["model_type"] == "gemma2"
     eos = [1, 6] if gemma2 else 1  # <eos>, and <end_of_turn> for PaliGemma 2
@@ -143,7 +146,9 @@ def build(folder, variant="pg1", shards=1, dtype=torch.float32, shapes=None, see
         if k == "lm_head.weight":  # tied to the embedding: the hub files do not store it
             continue
         name = hub_key(k)
-        state[name] = tuned(name, random_tensor(name, shape, gen, zero_centred_norms=True), gemma2)
+        state[name] = tuned(name, random_tensor(name, shape, gen, zero_centred_norms=True), gemma2).to(dtype)
+        if unreachable_eos and name.endswith("embed_tokens.weight"):
+            state[name][eos if isinstance(eos, list) else [eos]] = 0  # logit exactly 0, far below the maximum
     save_safetensors(state, folder, shards, dtype)
     if check:
         check_loads_cleanly(PaliGemmaForConditionalGeneration, folder)

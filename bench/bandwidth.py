@@ -1,0 +1,42 @@
+"""What is this machine's memory bandwidth? (the ceiling for decoding, which reads every weight once per token)
+
+    python bench/bandwidth.py [--threads N] [--gib 1]
+
+Reads a buffer much larger than any cache with torch (the same threads the models use) and prints GB/s.
+The buffer is written first: reading never-touched memory only reads the kernel's shared zero page, which
+would report cache speed, not memory speed.
+"""
+import argparse
+import json
+import statistics
+import time
+
+import torch
+
+
+def read_bandwidth(gib=1.0, repeats=7):
+    x = torch.ones(int(gib * 2**30) // 4)  # written, so every page is real memory
+    x.sum()
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        x.sum()
+        times.append(time.perf_counter() - t)
+    return x.numel() * 4 / statistics.median(times) / 1e9
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--gib", type=float, default=1.0)
+    p.add_argument("--json", action="store_true")
+    a = p.parse_args()
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    gbs = read_bandwidth(a.gib)
+    print(json.dumps({"read_gb_s": gbs, "threads": torch.get_num_threads()}) if a.json else
+          f"read bandwidth {gbs:.1f} GB/s with {torch.get_num_threads()} threads")
+
+
+if __name__ == "__main__":
+    main()
