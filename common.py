@@ -54,8 +54,7 @@ def rope_inv_freq(head_dim, theta):
 
 def rope_cos_sin(inv_freq, positions, dtype):
     """positions (B, T) -> cos, sin (B, 1, T, D), computed in fp32 and rounded to the activation dtype."""
-    freqs = positions[..., None].float() * inv_freq.to(positions.device)  # (B, T, D/2)
-    emb = torch.cat([freqs, freqs], dim=-1)
+    emb = (positions[..., None].float() * inv_freq.to(positions.device)).repeat(1, 1, 2)  # (B, T, D): [f, f]
     return emb.cos().to(dtype)[:, None], emb.sin().to(dtype)[:, None]
 
 
@@ -70,8 +69,9 @@ def apply_rope(x, cos, sin):
 def attend(q, k, v, mask=None, scale=None, softcap=None):
     """q (B, H, T, D), k/v (B, K, S, D), mask bool (B, 1, T, S) with True = may attend, None = all may.
     Grouped-query attention: each K/V head serves H/K query heads without being copied."""
-    if softcap is None:
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
+    if softcap is None:  # CAUSAL: SDPA's own causal kernel, about twice as fast on CPU as the same explicit mask
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=None if mask is CAUSAL else mask, scale=scale,
+                                              is_causal=mask is CAUSAL, enable_gqa=q.shape[1] != k.shape[1])
     # Gemma 2 squashes scores with tanh(s / cap) * cap before the mask (arXiv:2408.00118), which SDPA cannot
     # express, so this path is written out; the softmax runs in fp32 as in the reference.
     B, H, T, D = q.shape
@@ -82,11 +82,17 @@ def attend(q, k, v, mask=None, scale=None, softcap=None):
     return (s.softmax(dim=-1, dtype=torch.float32).to(q.dtype) @ v[:, :, None]).view(B, H, T, D)
 
 
+CAUSAL = "causal"
+
+
 def make_mask(keys, T, window=None, prefix=None):
-    """Boolean mask (B, 1, T, S) for the last T of S positions, or None when nothing is masked (SDPA's fast
-    path). `keys` (B, S) marks real (non-pad) tokens; `window` limits a query to its `window` most recent
-    keys, itself included; `prefix` (B, S) marks tokens that see each other both ways (prefix-LM)."""
+    """Boolean mask (B, 1, T, S) for the last T of S positions; None when nothing is masked and CAUSAL for a
+    plain causal prefill (SDPA's fast paths). `keys` (B, S) marks real (non-pad) tokens; `window` limits a
+    query to its `window` most recent keys, itself included; `prefix` (B, S) marks tokens that see each other
+    both ways (prefix-LM)."""
     S = keys.shape[1]
+    if T == S > 1 and window is None and prefix is None and bool(keys.all()):
+        return CAUSAL
     q, k = torch.arange(S - T, S, device=keys.device)[:, None], torch.arange(S, device=keys.device)[None]
     m = ((k <= q) if window is None else (k <= q) & (k > q - window))[None]
     if prefix is not None:
@@ -214,13 +220,11 @@ def resolve(model):
     try:  # weights only as safetensors: pickle (*.bin) files are never fetched, never read
         return Path(snapshot_download(model, allow_patterns=["*.json", "*.safetensors", "*.jinja"]))
     except (E.HfHubHTTPError, OSError) as e:
-        why = {E.GatedRepoError: f"is gated: accept its licence at https://huggingface.co/{model} and log in "
-                                 "(`hf auth login` or HF_TOKEN)",  # (a subclass of the next one: test it first)
+        why = {E.GatedRepoError: f"is gated: accept its licence at https://huggingface.co/{model}, then `hf auth login`",
                E.RepositoryNotFoundError: "was not found on the Hugging Face Hub (private repos need a login)",
-               E.LocalEntryNotFoundError: "is not in the local Hugging Face cache and the Hub cannot be reached "
-                                          "(HF_HUB_OFFLINE is set or there is no network)"}
-        raise VLMError(f"{model} " + next((w for t, w in why.items() if isinstance(e, t)),
-                                          f"cannot be downloaded: {str(e).splitlines()[0]}")) from None
+               E.LocalEntryNotFoundError: "is not cached and the Hub cannot be reached (HF_HUB_OFFLINE is set, or no network)"}
+        raise VLMError(f"{model} " + next((w for t, w in why.items() if isinstance(e, t)),  # gated before not-found:
+                                          f"cannot be downloaded: {str(e).splitlines()[0]}")) from None  # a subclass
 
 
 def load_weights(make, folder, rename, device=None, dtype=None):
@@ -292,9 +296,11 @@ def sample(logits, temperature=0.0, top_k=None, top_p=None, generator=None):
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
-def check_sampling(max_new_tokens, temperature, top_k, top_p):
-    """Run by generate() and, before the slow load, by the CLIs: the same message either way."""
+def check_args(max_new_tokens, temperature, top_k, top_p, prompt=""):
+    """Run by generate() and, before the slow load, by the CLIs: the same message either way. (A command line
+    with bytes that are not UTF-8 reaches Python as lone surrogates, which no tokenizer accepts.)"""
     for bad, message in ((max_new_tokens <= 0, f"max-new-tokens must be positive, got {max_new_tokens}"),
+                         (any("\ud800" <= c <= "\udfff" for c in prompt), "the prompt is not valid UTF-8 text"),
                          (not 0 <= temperature < math.inf, f"temperature must be >= 0, got {temperature}"),
                          (top_k is not None and top_k <= 0, f"top-k must be positive, got {top_k}"),
                          (top_p is not None and not 0 < top_p <= 1, f"top-p must be in (0, 1], got {top_p}")):
@@ -307,7 +313,7 @@ def generate(step, logits, max_new_tokens, stop, pad_id, temperature=0.0, top_k=
     """The decode loop of all three models. `logits` (B, V) come from the prefill's last position;
     `step(tokens (B,))` runs one cached decode step and returns the next (B, V). A row stops at any id in
     `stop` and is padded with `pad_id` after. `stream` gets each new (B,) batch. Returns new ids (B, n)."""
-    check_sampling(max_new_tokens, temperature, top_k, top_p)
+    check_args(max_new_tokens, temperature, top_k, top_p)
     gen = torch.Generator(logits.device).manual_seed(seed) if seed is not None else None
     stop, done, out = torch.tensor(stop, device=logits.device), torch.zeros(len(logits), dtype=torch.bool, device=logits.device), []
     for i in range(max_new_tokens):
@@ -342,8 +348,8 @@ class Streamer:
 
     def report(self, t_load):
         t, n = self.times, len(self.times) - 1
-        rate = (n - 1) / (t[-1] - t[1]) if n > 1 else float("nan")
-        print(f"load {t_load:.2f} s, prefill {t[1] - t[0]:.2f} s (to the first token), decode {rate:.1f} tokens/s ({n} tokens)", file=sys.stderr)
+        print(f"load {t_load:.2f} s, prefill {t[1] - t[0]:.2f} s (to the first token), decode "
+              f"{(n - 1) / (t[-1] - t[1]) if n > 1 else float('nan'):.1f} tokens/s ({n} tokens)", file=sys.stderr)
 
 
 # ----------------------------------------------------------------------------- command line

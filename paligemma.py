@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import (GatedMLP, KVCache, SelfAttention, Streamer, attend, VLMError, check_sampling, cli_parser,
+from common import (GatedMLP, KVCache, SelfAttention, Streamer, attend, VLMError, check_args, cli_parser,
                     from_dict, generate, image_tensor, load_weights, make_mask,
                     normalize, open_image, read_json, resize, resolve, rope_theta, rope_cos_sin, rope_inv_freq,
                     run_cli, stop_ids)
@@ -392,7 +392,7 @@ def main(argv=None):
                    "are task prefixes such as 'caption en', 'answer en <question>', 'detect cat', 'ocr'.",
                    DEFAULT_MODEL)
     a = p.parse_args(argv)
-    check_sampling(a.max_new_tokens, a.temperature, a.top_k, a.top_p)
+    check_args(a.max_new_tokens, a.temperature, a.top_k, a.top_p, a.prompt)
     if not a.image:
         raise VLMError("PaliGemma needs an image: pass --image FILE")
     images = [open_image(path) for path in a.image]  # fail on a bad image before the slow load

@@ -23,7 +23,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import (GatedMLP, KVCache, SelfAttention, Streamer, VLMError, attend, check_sampling, cli_parser,
+from common import (GatedMLP, KVCache, SelfAttention, Streamer, VLMError, attend, check_args, cli_parser,
                     from_dict, generate, image_tensor, load_weights, make_mask, normalize, open_image, read_json,
                     read_video, resize, resolve, rope_cos_sin, rope_inv_freq, rope_theta, run_cli, stop_ids)
 
@@ -339,7 +339,6 @@ class PerceptionLM(nn.Module):
     def generate(self, input_ids, pixel_values=None, pixel_values_videos=None, attention_mask=None, max_new_tokens=100,
                  temperature=0.0, top_k=None, top_p=None, seed=None, stream=None, **_):
         """Prefill once, then decode with the KV cache. Returns only the new ids (B, n)."""
-        check_sampling(max_new_tokens, temperature, top_k, top_p)
         B, T = input_ids.shape
         t, total = self.cfg.text, T + max_new_tokens
         if total > t.max_position_embeddings:
@@ -554,7 +553,7 @@ def main(argv=None):
     p.add_argument("--raw", action="store_true", help="pass --prompt as is (with <|image|> / <|video|> "
                    "placeholders), not wrapped in the chat template")
     a = p.parse_args(argv)
-    check_sampling(a.max_new_tokens, a.temperature, a.top_k, a.top_p)
+    check_args(a.max_new_tokens, a.temperature, a.top_k, a.top_p, a.prompt)
     for flag, value in (("num-frames", a.num_frames), ("max-tiles", a.max_tiles)):
         if value is not None and value <= 0:
             raise VLMError(f"--{flag} must be positive, got {value}")

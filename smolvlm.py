@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import (GatedMLP, KVCache, SelfAttention, Streamer, VLMError, attend, check_sampling, cli_parser, from_dict,
+from common import (GatedMLP, KVCache, SelfAttention, Streamer, VLMError, attend, check_args, cli_parser, from_dict,
                     generate, image_tensor, load_weights, make_mask, normalize, open_image, read_json, read_video,
                     resize, resolve, rope_cos_sin, rope_inv_freq, rope_theta, run_cli, stop_ids)
 
@@ -603,11 +603,7 @@ def main(argv=None):
     p.add_argument("--raw", action="store_true", help="pass --prompt as is, not wrapped in the chat template "
                                                       "(an <image> per image is put first if it has none)")
     a = p.parse_args(argv)
-    check_sampling(a.max_new_tokens, a.temperature, a.top_k, a.top_p)
-    try:
-        a.prompt.encode("utf-8")
-    except UnicodeEncodeError:
-        raise VLMError("the prompt is not valid UTF-8 text") from None
+    check_args(a.max_new_tokens, a.temperature, a.top_k, a.top_p, a.prompt)
     if a.num_frames is not None and a.num_frames <= 0:
         raise VLMError(f"num-frames must be positive, got {a.num_frames}")
     images = [open_image(path) for path in a.image]  # fail on a bad image before the slow load

@@ -77,7 +77,7 @@ def test_sampling():
                 dict(top_p=1.2), dict(top_k=0)]:
         args = dict(max_new_tokens=4, temperature=1.0, top_k=None, top_p=None) | bad
         with pytest.raises(VLMError):
-            common.check_sampling(**args)
+            common.check_args(**args)
 
 
 def test_generate_loop_stops_rows_and_pads():
@@ -147,14 +147,14 @@ def test_resolve_errors(monkeypatch, tmp_path):
         raise errors.GatedRepoError("403 gated", response=response)
 
     monkeypatch.setattr(huggingface_hub, "snapshot_download", gated)
-    with pytest.raises(VLMError, match="is gated: accept its licence at https://huggingface.co/google/x and log in"):
+    with pytest.raises(VLMError, match="is gated: accept its licence at https://huggingface.co/google/x, then `hf auth login`"):
         common.resolve("google/x")
 
     def offline(*a, **k):
         raise errors.LocalEntryNotFoundError("nothing cached")
 
     monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
-    with pytest.raises(VLMError, match="not in the local Hugging Face cache"):
+    with pytest.raises(VLMError, match="is not cached and the Hub cannot be reached"):
         common.resolve("google/x")
     assert common.resolve(str(tmp_path)) == tmp_path
 

@@ -390,7 +390,7 @@ def test_offline_repo_id_from_hub_cache(ckpt, tmp_path):
     Image.new("RGB", (20, 20)).save(img)
     r = run_cli("--model", "google/not-cached", "--image", str(img), env=env)
     assert r.returncode == 1 and r.stderr.count("\n") == 1
-    assert "not in the local Hugging Face cache" in r.stderr
+    assert "is not cached and the Hub cannot be reached" in r.stderr
 
 
 def test_cli_bad_inputs_fail_in_one_line(ckpt, tmp_path):
