@@ -17,7 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from common import (GatedMLP, KVCache, SelfAttention, Streamer, attend, VLMError, check_args, cli_parser,
-                    from_dict, generate, image_tensor, load_weights, make_mask,
+                    from_dict, generate, image_tensor, load_weights,
                     normalize, open_image, read_json, resize, resolve, rope_theta, rope_cos_sin, rope_inv_freq,
                     run_cli, stop_ids)
 
@@ -223,6 +223,18 @@ class Gemma(nn.Module):
 
 # ----------------------------------------------------------------------------- the full model
 
+def prefix_lm_mask(keys, prefix, T, window=None):
+    """Boolean mask (B, 1, T, S) for the last T of S positions, or None when nothing is masked. Causal, except
+    that the prefix (image tokens, <bos>, prompt, "\\n") sees all of itself in both directions (the PaliGemma
+    paper's prefix-LM); `window` keeps a query's `window` most recent keys in Gemma 2's sliding layers, but
+    the prefix still sees all of itself there, as in transformers. Pads (`keys` False) are never keys."""
+    S = keys.shape[1]
+    q, k = torch.arange(S - T, S, device=keys.device)[:, None], torch.arange(S, device=keys.device)[None]
+    m = (k <= q) & (k > q - (window or S)) | prefix[:, S - T:, None] & prefix[:, None, :]
+    m = (m & keys[:, None, :] | (k == q))[:, None]  # a pad query sees itself, so no row is empty (no NaN)
+    return None if bool(m.all()) else m
+
+
 class PaliGemma(nn.Module):
     def __init__(self, cfg):
         super().__init__()
@@ -254,9 +266,9 @@ class PaliGemma(nn.Module):
                 raise VLMError(f"the prompt has {int(is_image.sum())} image tokens but the images give "
                                f"{feats.shape[0] * feats.shape[1]} features")
             x = x.masked_scatter(is_image[..., None], feats)
-        masks = {False: make_mask(keys, T, prefix=prefix)}
+        masks = {False: prefix_lm_mask(keys, prefix, T)}
         if self.cfg.text.sliding_window:
-            masks[True] = make_mask(keys, T, window=self.cfg.text.sliding_window, prefix=prefix)
+            masks[True] = prefix_lm_mask(keys, prefix, T, self.cfg.text.sliding_window)
         x = self.language_model(x, positions, masks, cache)
         if cache is not None:
             cache.len += T

@@ -19,20 +19,43 @@ sys.path[:0] = [str(HERE.parent), str(HERE.parent / "tests")]
 # family -> size -> (fixture module, builder keyword arguments)
 SIZES = {
     "paligemma": {
-        "pg2-3b-224": dict(seed=0, text=dict(model_type="gemma2", hidden_size=2304, intermediate_size=9216,
+        "pg2-3b-224": dict(variant="pg2", seed=0, text=dict(model_type="gemma2", hidden_size=2304, intermediate_size=9216,
                                              num_attention_heads=8, num_key_value_heads=4, num_hidden_layers=26,
                                              head_dim=256, query_pre_attn_scalar=256, sliding_window=4096,
                                              attn_logit_softcapping=50.0, final_logit_softcapping=30.0,
                                              hidden_activation="gelu_pytorch_tanh", vocab_size=257216),
                            vision=dict(hidden_size=1152, intermediate_size=4304, num_attention_heads=16,
                                        num_hidden_layers=27, image_size=224, patch_size=14)),
-        "pg1-3b-224": dict(seed=0, text=dict(model_type="gemma", hidden_size=2048, intermediate_size=16384,
+        "pg1-3b-224": dict(variant="pg1", seed=0, text=dict(model_type="gemma", hidden_size=2048, intermediate_size=16384,
                                              num_attention_heads=8, num_key_value_heads=1, num_hidden_layers=18,
                                              vocab_size=257216),
                            vision=dict(hidden_size=1152, intermediate_size=4304, num_attention_heads=16,
                                        num_hidden_layers=27, image_size=224, patch_size=14)),
     },
 }
+
+
+SMOL_VISION = dict(hidden_size=768, intermediate_size=3072, num_attention_heads=12, num_hidden_layers=12,
+                   image_size=512, patch_size=16)
+SIZES["smolvlm"] = {
+    "256m": dict(variant="v1", seed=0, scale_factor=4, tile=512, longest_edge=2048, vision=SMOL_VISION,
+                 text=dict(hidden_size=576, intermediate_size=1536, num_attention_heads=9, num_key_value_heads=3,
+                           num_hidden_layers=30, head_dim=64, rope_theta=100000, max_position_embeddings=8192,
+                           vocab_size=49280)),
+    "v2-500m": dict(variant="v2", seed=0, scale_factor=4, tile=512, longest_edge=2048, video_edge=512, max_frames=64,
+                    vision=SMOL_VISION,
+                    text=dict(hidden_size=960, intermediate_size=2560, num_attention_heads=15, num_key_value_heads=5,
+                              num_hidden_layers=32, head_dim=64, rope_theta=100000, max_position_embeddings=8192,
+                              vocab_size=49280)),
+}
+
+
+def _plm(size, max_num_tiles):
+    from perception_lm_fixture import REAL
+    return dict(REAL[size], variant=size, max_num_tiles=max_num_tiles)
+
+
+SIZES["perception_lm"] = {"1b-2tiles": lambda: _plm("1b", 2)}  # thumbnail + 1 tile: 512 image tokens
 
 
 def checkpoint(family, size, dtype="bfloat16"):
@@ -43,8 +66,10 @@ def checkpoint(family, size, dtype="bfloat16"):
     import importlib
     fixture = importlib.import_module(f"{family}_fixture")
     print(f"writing a random {family} {size} checkpoint ({dtype}) to {folder} ...", file=sys.stderr)
-    fixture.build(folder, shapes=SIZES[family][size], dtype=getattr(torch, dtype), shards=2, check=False,
-                  unreachable_eos=True)
+    spec = SIZES[family][size]
+    spec = dict(spec() if callable(spec) else spec)
+    fixture.build(folder, spec.pop("variant"), shapes=spec, dtype=getattr(torch, dtype), shards=2,
+                  check=False, unreachable_eos=True)
     return folder
 
 

@@ -10,27 +10,26 @@ import common
 from common import VLMError
 
 
-def test_make_mask_causal_window_prefix_and_pads():
+def test_make_mask_causal_and_pads():
     keys = torch.tensor([[0, 1, 1, 1, 1, 1]]).bool()  # one left pad
     m = common.make_mask(keys, 6)[0, 0]
     assert not m[1:, 0].any()  # the pad is never a key
     assert m[0, 0]  # ... but a pad query sees itself, so its row is not empty
     assert torch.equal(m[1:, 1:], torch.ones(5, 5).tril().bool())
-    w = common.make_mask(keys, 6, window=2)[0, 0]
-    assert w[5].tolist() == [False, False, False, False, True, True]
-    prefix = torch.tensor([[0, 1, 1, 1, 0, 0]]).bool()  # tokens 1..3 see each other both ways
-    p = common.make_mask(keys, 6, window=2, prefix=prefix)[0, 0]
-    assert p[1, 3] and p[3, 1] and not p[1, 4]
-    assert p[5].tolist() == [False, False, False, False, True, True]  # the suffix still slides
-    assert common.make_mask(torch.ones(2, 5, dtype=torch.bool), 1) is None  # decode, no pads: no mask
-    assert common.make_mask(torch.ones(1, 4, dtype=torch.bool), 4, prefix=torch.ones(1, 4, dtype=torch.bool)) is None
     assert common.make_mask(keys, 2).shape == (1, 1, 2, 6)  # the last 2 queries against 6 keys
+    assert torch.equal(common.make_mask(keys, 2)[0, 0], m[4:])
+    full = torch.ones(2, 5, dtype=torch.bool)
+    assert common.make_mask(full, 1) is None  # decode without pads: no mask at all
+    assert common.make_mask(full, 5) is common.CAUSAL  # prefill without pads: SDPA's causal kernel
+    q, k, v = torch.randn(3, 2, 4, 5, 8).unbind(0)
+    explicit = torch.ones(5, 5).tril().bool()
+    assert torch.allclose(common.attend(q, k, v, common.CAUSAL), common.attend(q, k, v, explicit), atol=1e-6)
 
 
 def test_attend_softcap_path_equals_reference():
     torch.manual_seed(0)
     q, k, v = torch.randn(2, 4, 5, 8), torch.randn(2, 2, 7, 8), torch.randn(2, 2, 7, 8)
-    mask = common.make_mask(torch.ones(2, 7, dtype=torch.bool), 5)
+    mask = common.make_mask(torch.tensor([[1] * 7, [0, 0] + [1] * 5]).bool(), 5)
     kr, vr = k.repeat_interleave(2, 1), v.repeat_interleave(2, 1)
     s = torch.tanh(q @ kr.transpose(-1, -2) * 0.3 / 5.0) * 5.0
     ref = s.masked_fill(~mask, float("-inf")).softmax(-1) @ vr

@@ -242,6 +242,18 @@ def test_suffix_training_case(variant, ours, hf, images):
     assert abs(loss.item() - out.loss.item()) < 1e-4
 
 
+def test_prefix_lm_mask():
+    keys = torch.tensor([[0, 1, 1, 1, 1, 1]]).bool()  # one left pad
+    prefix = torch.tensor([[0, 1, 1, 1, 0, 0]]).bool()  # tokens 1..3 see each other both ways
+    m = P.prefix_lm_mask(keys, prefix, 6)[0, 0]
+    assert m[1, 3] and m[3, 1] and not m[1, 4] and m[5, 4] and not m[4, 5]
+    assert not m[1:, 0].any() and m[0, 0]  # the pad is never a key, but its own row is not empty
+    w = P.prefix_lm_mask(keys, prefix, 6, window=2)[0, 0]
+    assert w[5].tolist() == [False, False, False, False, True, True]  # the suffix slides
+    assert w[1, 3] and w[3, 1]  # the prefix does not (here the window is shorter than the prefix)
+    assert P.prefix_lm_mask(torch.ones(1, 4).bool(), torch.ones(1, 4).bool(), 4) is None  # all prefix, no pads
+
+
 def test_prefix_is_bidirectional_and_suffix_causal(ours, images):
     model, proc = ours["pg1"]
     base = proc(text=["caption en"], images=[[images[0]]], suffix=["a cow on the beach"])
