@@ -222,15 +222,19 @@ def resolve(model):
 def load_weights(make, folder, rename, device=None, dtype=None):
     """Build `make()` on the meta device (no memory, no random init) and read the safetensors shards of
     `folder` into it, with one strict check: every tensor maps to a parameter (`rename` gives its name, or
-    None to skip it), every parameter is found, every shape matches; an error names the key. Defaults:
-    fp32 on CPU (always correct), bf16 on CUDA (half the memory; the checkpoints' own dtype)."""
+    None to skip it), every parameter is found, every shape matches; an error names the key. The default
+    dtype is bf16 (half the bytes to read; the checkpoints' own) where matrix products are fast in it: CUDA,
+    and CPUs with AVX512-BF16/AMX. Elsewhere fp32: on an AVX2-only CPU a bf16 matrix product runs ~5x slower
+    than fp32 (bench/), and image prompts are matrix products."""
     from safetensors import SafetensorError, safe_open
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
         raise VLMError("device cuda was asked for but CUDA is not available")
-    dtype = getattr(torch, dtype, dtype) if isinstance(dtype, str) else dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    fast_bf16 = device.type == "cuda" or getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)()
+    dtype = getattr(torch, dtype, dtype) if isinstance(dtype, str) else dtype or (torch.bfloat16 if fast_bf16 else torch.float32)
     if dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise VLMError(f"unknown dtype {dtype} (use float32, bfloat16 or float16)")
+    relayout = device.type == "cpu" and dtype == torch.float32  # (see below)
     index = Path(folder) / "model.safetensors.index.json"
     files = sorted(set(read_json(index)["weight_map"].values())) if index.exists() else ["model.safetensors"]
     if not index.exists() and not (Path(folder) / files[0]).exists():
@@ -255,16 +259,16 @@ def load_weights(make, folder, rename, device=None, dtype=None):
                 with safe_open(Path(folder) / name, framework="pt", device=str(device)) as f:  # one open per tensor:
                     if (shape := tuple(f.get_slice(key).get_shape())) != expected[ours].shape:  # the file pages a
                         raise VLMError(f"tensor {key} has shape {shape}, expected {tuple(expected[ours].shape)}")
-                    state[ours] = f.get_tensor(key).to(dtype)  # converted tensor came from are released at once
+                    t = f.get_tensor(key)  # converted tensor came from are released at once
+                    # MKL's fp32 matrix-vector product (a decode step) reads a tall matrix up to 2x faster when it
+                    # is stored column-major (bench/); the vision towers only multiply matrices, so they keep theirs.
+                    tall = relayout and t.dim() == 2 and t.shape[0] >= t.shape[1] and "vision" not in ours
+                    state[ours] = (t.t().contiguous().t() if tall else t).to(dtype)  # .to keeps the layout
         except (OSError, RuntimeError, ValueError, SafetensorError) as e:  # a missing or truncated shard, a bad header
             raise VLMError(f"cannot read weights {Path(folder) / name}: {str(e).splitlines()[0]}") from None
     if missing := [k for k in expected if k not in state]:
         raise VLMError(f"weight {missing[0]} is missing from {folder} ({len(missing)} missing in all)")
     model.load_state_dict(state, strict=True, assign=True)
-    if device.type == "cpu" and dtype == torch.float32:  # MKL's fp32 matrix-vector product (a decode step) reads
-        for name, m in model.named_modules():  # a tall matrix up to 2x faster stored column-major (bench/)
-            if isinstance(m, (nn.Linear, nn.Embedding)) and "vision" not in name and m.weight.shape[0] >= m.weight.shape[1]:
-                m.weight.data = m.weight.data.t().contiguous().t()
     return model.to(device).eval()
 
 
@@ -363,7 +367,7 @@ def cli_parser(description, default_model):
     p.add_argument("--top-k", type=int, default=None, help="sample only from the k most likely tokens")
     p.add_argument("--top-p", type=float, default=None, help="sample only from the smallest set with this mass")
     p.add_argument("--seed", type=int, default=None, help="seed for sampling")
-    p.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: float32 on CPU, bfloat16 on CUDA)")
+    p.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: bfloat16 on CUDA and on CPUs with AVX512-BF16 or AMX, else float32)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--verbose", action="store_true", help="print timings (load, prefill, tokens/s) to stderr")
     return p
