@@ -67,6 +67,7 @@ def table(family, size, dtype, runs, bandwidth, threads):
             lines.append(f"| decode bandwidth, {name} (GB/s; % of ceiling) | | {achieved:.1f} "
                          f"({100 * achieved / bandwidth:.0f}%) | | | |")
     lines.append(f"\nDecode reads {ours['decode_bytes'] / 1e9:.2f} GB per token (decoder + LM head, {dtype}). "
+                 f"Prompt: {int(ours['prompt_tokens'])} tokens (transformers: {int(hf['prompt_tokens'])}); "
                  f"{int(ours['tokens'])} new tokens per run.")
     return "\n".join(lines)
 

@@ -53,7 +53,7 @@ def load(impl, family, folder, dtype):
 
 
 def run(impl, family, model, processor, batch, new_tokens):
-    """-> (t_start, [arrival time of each new token])"""
+    """-> (t_start, [arrival time of each new token], prompt length)"""
     times = []
     t0 = time.perf_counter()
     texts = chat(family, processor, batch)
@@ -75,10 +75,12 @@ def run(impl, family, model, processor, batch, new_tokens):
                 pass
 
         kw = dict(padding=True) if batch > 1 else {}
+        if family == "perception_lm":  # the rendered chat already starts with <|begin_of_text|>: no second one
+            kw["add_special_tokens"] = False
         inputs = processor(text=texts, images=[[image()]] * batch, return_tensors="pt", **kw)
         with torch.inference_mode():
             model.generate(**inputs, max_new_tokens=new_tokens, do_sample=False, streamer=Clock())
-    return t0, times
+    return t0, times, inputs["input_ids"].shape[1]
 
 
 def decode_bytes(model):
@@ -104,12 +106,12 @@ def main():
     model, processor = load(a.impl, a.family, Path(a.checkpoint), dtype)
     load_s = time.perf_counter() - t
     run(a.impl, a.family, model, processor, 1, 2)  # warm-up
-    t0, times = run(a.impl, a.family, model, processor, 1, a.new_tokens)
+    t0, times, prompt = run(a.impl, a.family, model, processor, 1, a.new_tokens)
     assert len(times) == a.new_tokens, f"generated {len(times)} of {a.new_tokens} tokens"
-    _, times4 = run(a.impl, a.family, model, processor, 4, a.new_tokens)
+    _, times4, _ = run(a.impl, a.family, model, processor, 4, a.new_tokens)
     print(json.dumps({
         "load_s": load_s, "ttft_s": times[0] - t0, "decode_tok_s": (len(times) - 1) / (times[-1] - times[0]),
-        "batch4_tok_s": 4 * (len(times4) - 1) / (times4[-1] - times4[0]), "tokens": len(times),
+        "batch4_tok_s": 4 * (len(times4) - 1) / (times4[-1] - times4[0]), "tokens": len(times), "prompt_tokens": prompt,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "decode_bytes": decode_bytes(model),
         "threads": torch.get_num_threads()}))
 
