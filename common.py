@@ -11,6 +11,7 @@ import json
 import math
 import sys
 import time
+import warnings
 from dataclasses import fields
 from pathlib import Path
 
@@ -123,8 +124,7 @@ class SelfAttention(nn.Module):
         q = apply_rope(self.q_proj(x).view(B, T, self.H, self.D).transpose(1, 2), cos, sin)  # (B, H, T, D)
         k = apply_rope(self.k_proj(x).view(B, T, self.K, self.D).transpose(1, 2), cos, sin)  # (B, K, T, D)
         v = self.v_proj(x).view(B, T, self.K, self.D).transpose(1, 2)
-        if cache is not None:
-            k, v = cache.update(self.idx, k, v)
+        k, v = cache.update(self.idx, k, v) if cache is not None else (k, v)  # (B, K, S, D): all keys so far
         y = attend(q, k, v, mask, self.scale, self.softcap)  # scale None: SDPA's 1/sqrt(D)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.H * self.D))
 
@@ -134,9 +134,8 @@ class GatedMLP(nn.Module):
 
     def __init__(self, dim, hidden, act):
         super().__init__()
-        self.act = act
+        self.act, self.down_proj = act, nn.Linear(hidden, dim, bias=False)
         self.gate_proj, self.up_proj = nn.Linear(dim, hidden, bias=False), nn.Linear(dim, hidden, bias=False)
-        self.down_proj = nn.Linear(hidden, dim, bias=False)
 
     def forward(self, x):
         return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
@@ -144,27 +143,26 @@ class GatedMLP(nn.Module):
 
 # ----------------------------------------------------------------------------- images and video
 
-def to_rgb(img):
-    """Any PIL mode -> RGB; transparency is composited on white, as transformers' convert_to_rgb does."""
-    if img.mode != "RGB" and ("A" in img.getbands() or img.info.get("transparency") is not None):
-        img = Image.alpha_composite(Image.new("RGBA", img.size, (255, 255, 255, 255)), img.convert("RGBA"))
-    return img if img.mode == "RGB" else img.convert("RGB")
-
-
 def open_image(path):
-    """Open an image file, apply its EXIF orientation (phones store photos sideways), convert to RGB."""
+    """Open an image file and apply its EXIF orientation (phones store photos sideways); any mode."""
     try:
         with Image.open(path) as img:
-            return to_rgb(ImageOps.exif_transpose(img))
+            return ImageOps.exif_transpose(img)  # (a loaded copy, upright)
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:  # missing, a directory, truncated,
         # not an image, or a huge declared size (a "decompression bomb")
         raise VLMError(f"image {path} cannot be read ({getattr(e, 'strerror', None) or e})") from None
 
 
 def image_tensor(img):
-    """A PIL image, an (H, W, 3) uint8 array or a path -> uint8 tensor (3, H, W)."""
-    img = open_image(img) if isinstance(img, (str, Path)) else to_rgb(img) if hasattr(img, "convert") else img
-    return torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1)
+    """A PIL image, an (H, W, 3) uint8 array or a path -> uint8 tensor (3, H, W). Any PIL mode becomes RGB, with
+    transparency composited on white as transformers' convert_to_rgb does."""
+    img = open_image(img) if isinstance(img, (str, Path)) else img
+    if hasattr(img, "convert") and img.mode != "RGB":
+        alpha = "A" in img.getbands() or img.info.get("transparency") is not None
+        img = (Image.alpha_composite(Image.new("RGBA", img.size, "white"), img.convert("RGBA")) if alpha else img).convert("RGB")
+    if (x := torch.from_numpy(np.array(img, dtype=np.uint8))).dim() != 3 or x.shape[2] != 3 or 0 in x.shape:
+        raise VLMError(f"an image must be (H, W, 3) pixels with H, W > 0, got shape {tuple(x.shape)}")  # empty, or not RGB
+    return x.permute(2, 0, 1)
 
 
 def resize(x, size, mode):
@@ -183,19 +181,19 @@ def read_video(path, pick):
     import av
     try:
         with av.open(str(path)) as c:
-            if not c.streams.video:
+            if not c.streams.video:  # an audio file, or an mp4 cut before its index (stored last)
                 raise VLMError(f"video {path} has no video stream")
             s = c.streams.video[0]
             fps = float(s.average_rate or 0) or 24.0
             total = s.frames or int((c.duration or 0) / 1e6 * fps)
             idx = [int(i) for i in pick(total, fps)]
-            frames = zip(range(max(idx, default=-1) + 1), c.decode(s))  # decoding stops after the last index
-            got = {i: f.to_ndarray(format="rgb24") for i, f in frames if i in idx}
+            # decoding stops after the last index; only the picked frames are converted to pixels
+            got = {i: f.to_ndarray(format="rgb24") for i, f in zip(range(max(idx, default=-1) + 1), c.decode(s)) if i in idx}
     except (av.error.FFmpegError, OSError, ValueError) as e:  # missing, a directory, truncated, not a video
         raise VLMError(f"video {path} cannot be read ({getattr(e, 'strerror', None) or e})") from None
-    if not got:
-        raise VLMError(f"video {path} has no decodable frames")
-    frames = torch.from_numpy(np.stack([got[i] for i in idx if i in got])).permute(0, 3, 1, 2)
+    if not got or len(got) < len(idx):  # nothing decodable, or the file ends early: cut short, or damaged
+        raise VLMError(f"video {path} " + (f"is truncated or damaged: only {len(got)} of the {len(idx)} frames picked could be decoded" if got else "has no decodable frames"))
+    frames = torch.from_numpy(np.stack([got[i] for i in idx])).permute(0, 3, 1, 2)
     return frames, {"total_num_frames": total, "fps": fps, "duration": total / fps, "frames_indices": idx}
 
 
@@ -227,9 +225,10 @@ def load_weights(make, folder, rename, device=None, dtype=None):
     and CPUs with AVX512-BF16/AMX. Elsewhere fp32: on an AVX2-only CPU a bf16 matrix product runs ~5x slower
     than fp32 (bench/), and image prompts are matrix products."""
     from safetensors import SafetensorError, safe_open
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise VLMError("device cuda was asked for but CUDA is not available")
+    try:  # an unknown device name, or a GPU that is not there (a torch built without CUDA raises AssertionError)
+        device = torch.empty(0, device=device or ("cuda" if torch.cuda.is_available() else "cpu")).device
+    except (RuntimeError, AssertionError) as e:
+        raise VLMError(f"device {device} cannot be used ({str(e).splitlines()[0]})") from None
     fast_bf16 = device.type == "cuda" or getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)()
     dtype = getattr(torch, dtype, dtype) if isinstance(dtype, str) else dtype or (torch.bfloat16 if fast_bf16 else torch.float32)
     if dtype not in (torch.float32, torch.bfloat16, torch.float16):
@@ -291,10 +290,11 @@ def sample(logits, temperature=0.0, top_k=None, top_p=None, generator=None):
     if top_k is not None:
         logits = logits.masked_fill(logits < logits.topk(min(top_k, logits.shape[-1])).values[:, -1:], float("-inf"))
     probs = logits.softmax(-1)
-    if top_p is not None and top_p < 1:
-        p, idx = probs.sort(-1, descending=True)
-        p[(p.cumsum(-1) - p) > top_p] = 0  # keep the smallest head of the distribution with mass >= top_p
-        probs = torch.zeros_like(probs).scatter_(-1, idx, p)
+    if top_p is not None and top_p < 1:  # nucleus sampling: the smallest set of most likely tokens with mass >= top_p,
+        k = min(1024, probs.shape[-1])  # looked for among the 1024 most likely (all, if those fall short): no full sort
+        p, idx = probs.topk(k if probs.topk(k).values.sum(-1).min() >= top_p else probs.shape[-1])
+        p[(p.cumsum(-1) - p) > top_p] = 0
+        return idx.gather(-1, torch.multinomial(p, 1, generator=generator)).squeeze(-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
@@ -320,8 +320,7 @@ def generate(step, logits, max_new_tokens, stop, pad_id, temperature=0.0, top_k=
     stop, done, out = torch.tensor(stop, device=logits.device), torch.zeros(len(logits), dtype=torch.bool, device=logits.device), []
     for i in range(max_new_tokens):
         if not torch.isfinite(logits).all():
-            raise VLMError("the model produced non-finite logits: an overflow (float16 overflows in Gemma 2; use "
-                           "--dtype bfloat16 or float32) or corrupted weights")
+            raise VLMError("the model produced non-finite logits: a float16 overflow (use --dtype bfloat16 or float32) or corrupted weights")
         tok = sample(logits, temperature, top_k, top_p, gen).masked_fill(done, pad_id)
         out.append(tok)
         if stream is not None:
@@ -351,8 +350,7 @@ class Streamer:
     def report(self, t_load):
         t, n = self.times, len(self.times) - 1
         rate = (n - 1) / (t[-1] - t[1]) if n > 1 else float("nan")  # the tokens after the first, over their time
-        print(f"load {t_load:.2f} s, prefill {t[1] - t[0]:.2f} s (to the first token), decode {rate:.1f} tokens/s "
-              f"({n} tokens)", file=sys.stderr)
+        print(f"load {t_load:.2f} s, prefill {t[1] - t[0]:.2f} s (to the first token), decode {rate:.1f} tokens/s ({n} tokens)", file=sys.stderr)
 
 
 # ----------------------------------------------------------------------------- command line
@@ -375,7 +373,9 @@ def cli_parser(description, default_model):
 
 def run_cli(main):
     """Our errors become `error: <one line>` and exit code 1; any other exception is a bug and keeps its
-    traceback."""
+    traceback. PIL's warning about a big image (89-179 megapixels) is silenced: such an image is read (as
+    transformers reads it), a bigger one refused, and either way stderr holds at most our one line."""
+    warnings.simplefilter("ignore", Image.DecompressionBombWarning)
     try:
         main()
     except VLMError as e:

@@ -320,7 +320,10 @@ class Processor:
 
     def __init__(self, folder):
         from tokenizers import Tokenizer
-        self.tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
+        try:
+            self.tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
+        except Exception as e:  # tokenizers raises a bare Exception for a missing or malformed file
+            raise VLMError(f"{folder / 'tokenizer.json'} cannot be read ({e})") from None
         self.tokenizer.add_tokens(EXTRA_TOKENS)
         pp = read_json(folder / "preprocessor_config.json")
         self.size = (pp["size"]["height"], pp["size"]["width"])

@@ -408,7 +408,10 @@ class Processor:
 
     def __init__(self, folder, cfg):
         from tokenizers import Tokenizer
-        self.tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
+        try:
+            self.tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
+        except Exception as e:  # tokenizers raises a bare Exception for a missing or malformed file
+            raise VLMError(f"{folder / 'tokenizer.json'} cannot be read ({e})") from None
         tc, pp = optional_json(folder / "tokenizer_config.json"), read_json(folder / "preprocessor_config.json")
         vp, pc = optional_json(folder / "video_preprocessor_config.json"), optional_json(folder / "processor_config.json")
         token = lambda v: v["content"] if isinstance(v, dict) else v  # older files store AddedToken dicts
@@ -462,8 +465,6 @@ class Processor:
         the canvas in row-major order. Both resizes stretch (no padding), bicubic, antialiased on uint8."""
         x = image_tensor(image)[None]
         H, W = x.shape[-2:]
-        if H == 0 or W == 0:
-            raise VLMError(f"an image of {W}x{H} pixels is empty")
         t = self.tile
         thumb = resize(x, (t, t), self.mode)
         if not self.thumb_and_tiles:  # "vanilla": the thumbnail alone
@@ -556,7 +557,7 @@ def main(argv=None):
     check_args(a.max_new_tokens, a.temperature, a.top_k, a.top_p, a.prompt)
     for flag, value in (("num-frames", a.num_frames), ("max-tiles", a.max_tiles)):
         if value is not None and value <= 0:
-            raise VLMError(f"--{flag} must be positive, got {value}")
+            raise VLMError(f"{flag} must be positive, got {value}")
     images = [open_image(path) for path in a.image]  # fail on a bad image or video before the slow load
     videos = [read_video(a.video, uniform_frames(a.num_frames))[0]] if a.video else []
     t0 = time.perf_counter()

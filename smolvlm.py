@@ -370,7 +370,10 @@ class Processor:
 
     def __init__(self, folder, cfg):
         from tokenizers import Tokenizer
-        self.tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
+        try:
+            self.tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
+        except Exception as e:  # tokenizers raises a bare Exception for a missing or malformed file
+            raise VLMError(f"{folder / 'tokenizer.json'} cannot be read ({e})") from None
         tc = read_json(folder / "tokenizer_config.json") if (folder / "tokenizer_config.json").exists() else {}
         named = {k: tc[k]["content"] if isinstance(tc[k], dict) else str(tc[k])  # a string or a saved AddedToken
                  for k in ("bos_token", "eos_token", "unk_token", "pad_token") if tc.get(k)}

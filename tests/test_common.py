@@ -1,13 +1,12 @@
-"""common.py on its own: masks, attention, RoPE, sampling, loading and resolution errors."""
+"""common.py on its own: masks, attention, RoPE, sampling, loading. (Its error messages are tested through the
+three CLIs and the API in test_errors.py.)"""
 import json
 
-import pytest
 import torch
 import torch.nn as nn
 from safetensors.torch import save_file
 
 import common
-from common import VLMError
 
 
 def test_make_mask_causal_and_pads():
@@ -72,11 +71,6 @@ def test_sampling():
     assert set(draws[:, 0].tolist()) == {1}  # the best token alone already has mass >= 0.5
     draws = torch.stack([common.sample(logits, 1.0, top_p=0.9, generator=g) for _ in range(300)])
     assert set(draws[:, 0].tolist()) == {1, 2}
-    for bad in [dict(max_new_tokens=0), dict(temperature=-0.5), dict(temperature=float("nan")), dict(top_p=0.0),
-                dict(top_p=1.2), dict(top_k=0)]:
-        args = dict(max_new_tokens=4, temperature=1.0, top_k=None, top_p=None) | bad
-        with pytest.raises(VLMError):
-            common.check_args(**args)
 
 
 def test_generate_loop_stops_rows_and_pads():
@@ -94,68 +88,14 @@ class Tiny(nn.Module):
         self.a = nn.Linear(3, 2)
 
 
-def test_load_weights_strict_errors(tmp_path):
+def test_load_weights(tmp_path):
     good = {"a.weight": torch.randn(2, 3), "a.bias": torch.randn(2)}
     save_file(good, tmp_path / "model.safetensors")
     m = common.load_weights(Tiny, tmp_path, lambda k: k)
     assert torch.equal(m.a.weight, good["a.weight"]) and m.a.weight.device.type == "cpu"
     m = common.load_weights(Tiny, tmp_path, lambda k: k, dtype="bfloat16")
     assert m.a.weight.dtype == torch.bfloat16
-    cases = [({**good, "b.weight": torch.zeros(1)}, "unexpected tensor b.weight"),
-             ({"a.weight": good["a.weight"]}, "weight a.bias is missing"),
-             ({**good, "a.bias": torch.zeros(5)}, "tensor a.bias has shape (5,), expected (2,)")]
-    for state, message in cases:
-        save_file(state, tmp_path / "model.safetensors")
-        with pytest.raises(VLMError, match=message.replace("(", r"\(").replace(")", r"\)")):
-            common.load_weights(Tiny, tmp_path, lambda k: k)
-    save_file(good, tmp_path / "model.safetensors")
-    data = (tmp_path / "model.safetensors").read_bytes()
-    (tmp_path / "model.safetensors").write_bytes(data[:-10])
-    with pytest.raises(VLMError, match="cannot read weights"):
-        common.load_weights(Tiny, tmp_path, lambda k: k)
-    (tmp_path / "model.safetensors").unlink()
-    (tmp_path / "pytorch_model.bin").write_bytes(b"pickle")
-    with pytest.raises(VLMError, match="pickle weights are never loaded"):
-        common.load_weights(Tiny, tmp_path, lambda k: k)
-    (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"a.weight": "model-1.safetensors"}}))
-    with pytest.raises(VLMError, match="cannot read weights .*model-1.safetensors"):
-        common.load_weights(Tiny, tmp_path, lambda k: k)
-    with pytest.raises(VLMError, match="unknown dtype"):
-        common.load_weights(Tiny, tmp_path, lambda k: k, dtype="float64")
-    if not torch.cuda.is_available():
-        with pytest.raises(VLMError, match="CUDA is not available"):
-            common.load_weights(Tiny, tmp_path, lambda k: k, device="cuda")
-
-
-def test_read_json_errors(tmp_path):
-    with pytest.raises(VLMError, match="config.json not found"):
-        common.read_json(tmp_path / "config.json")
-    (tmp_path / "config.json").write_text("{not json")
-    with pytest.raises(VLMError, match="is not valid JSON"):
-        common.read_json(tmp_path / "config.json")
-
-
-def test_resolve_errors(monkeypatch, tmp_path):
-    import huggingface_hub
-    from huggingface_hub import errors
-    with pytest.raises(VLMError, match="not a checkpoint directory nor a hub repo id"):
-        common.resolve(str(tmp_path / "missing"))
-    response = type("R", (), {"status_code": 403, "headers": {}, "request": None, "url": "u", "json": lambda s: {}})()
-
-    def gated(*a, **k):
-        raise errors.GatedRepoError("403 gated", response=response)
-
-    monkeypatch.setattr(huggingface_hub, "snapshot_download", gated)
-    with pytest.raises(VLMError, match="is gated: accept its licence at https://huggingface.co/google/x, then `hf auth login`"):
-        common.resolve("google/x")
-
-    def offline(*a, **k):
-        raise errors.LocalEntryNotFoundError("nothing cached")
-
-    monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
-    with pytest.raises(VLMError, match="is not cached and the Hub cannot be reached"):
-        common.resolve("google/x")
-    assert common.resolve(str(tmp_path)) == tmp_path
+    assert common.resolve(str(tmp_path)) == tmp_path  # a local directory is used as it is
 
 
 def test_stop_ids_union(tmp_path):

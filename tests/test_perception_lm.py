@@ -10,10 +10,7 @@ import copy
 import io
 import json
 import shutil
-import subprocess
-import sys
 
-import av
 import numpy as np
 import pytest
 import torch
@@ -23,7 +20,7 @@ import common
 import perception_lm as P
 import perception_lm_fixture as F
 from common import VLMError
-from conftest import ROOT
+from helpers import assert_same_inputs, cli_in_process, decode_video, make_video, run_cli
 
 VARIANTS = ["1b", "8b"]
 QUESTIONS = ["Describe the image.", "What is in this video? Answer briefly."]
@@ -54,22 +51,10 @@ def hf(ckpt):
 def clip(tmp_path_factory):
     """A 23-frame 48x36 video (moving gradients, so every frame differs) and its frames decoded whole by PyAV,
     with the metadata transformers' read_video_pyav derives."""
-    path = tmp_path_factory.mktemp("video") / "clip one.mp4"
-    with av.open(str(path), "w") as c:
-        s = c.add_stream("mpeg4", rate=10)
-        s.width, s.height, s.pix_fmt = 48, 36, "yuv420p"
-        y, x = np.mgrid[0:36, 0:48]
-        for i in range(23):
-            frame = np.stack([(x * 5 + i * 10) % 256, (y * 7 + i * 3) % 256, np.full_like(x, i * 11 % 256)], -1)
-            for packet in s.encode(av.VideoFrame.from_ndarray(frame.astype(np.uint8), format="rgb24")):
-                c.mux(packet)
-        for packet in s.encode():
-            c.mux(packet)
-    with av.open(str(path)) as c:
-        s = c.streams.video[0]
-        frames = np.stack([f.to_ndarray(format="rgb24") for f in c.decode(s)])
-        meta = {"total_num_frames": s.frames, "fps": float(s.average_rate), "duration": s.frames / float(s.average_rate)}
-    return path, frames, meta
+    pattern = lambda i, y, x: np.stack([(x * 5 + i * 10) % 256, (y * 7 + i * 3) % 256, np.full_like(x, i * 11 % 256)],
+                                       -1).astype(np.uint8)
+    path = make_video(tmp_path_factory.mktemp("video") / "clip one.mp4", n_frames=23, fps=10, pattern=pattern)
+    return (path, *decode_video(path))
 
 
 def chat(proc, question, images=1, videos=0):
@@ -81,13 +66,6 @@ def hf_inputs(inputs):
     """transformers' forward counts positions from the start of a padded row; ours (like its generate) from
     the first real token. Passing ours makes the two comparable on left-padded batches."""
     return {**inputs, "position_ids": (inputs["attention_mask"].cumsum(-1) - 1).clamp(min=0)}
-
-
-def assert_same_inputs(ours, theirs):
-    assert list(ours) == list(theirs)
-    for k in theirs:
-        assert ours[k].shape == theirs[k].shape and ours[k].dtype == theirs[k].dtype, k
-        assert torch.equal(ours[k], theirs[k]), k
 
 
 # ----------------------------------------------------------------------------- fixture and config
@@ -319,16 +297,6 @@ def test_chat_flow_has_one_begin_of_text(variant, ours, hf, images):
     assert doubled["input_ids"][0, :2].tolist() == [bos, bos]
 
 
-def test_processor_errors(ours, images):
-    proc = ours["1b"][1]
-    with pytest.raises(VLMError, match=r"2 <\|image\|> placeholders but 1 images were given"):
-        proc(text=["<|image|><|image|>x"], images=[images[0]])
-    with pytest.raises(VLMError, match=r"0 <\|video\|> placeholders but 1 videos were given"):
-        proc(text=["x"], videos=[np.zeros((2, 8, 8, 3), np.uint8)])
-    with pytest.raises(VLMError, match="is empty"):
-        proc(text=["<|image|>"], images=[Image.new("RGB", (0, 5))])
-
-
 # ----------------------------------------------------------------------------- model parity
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -467,28 +435,11 @@ def test_stops_at_end_token(ckpt, images, tmp_path):
 
 # ----------------------------------------------------------------------------- command line
 
-def run_cli(*args):
-    return subprocess.run([sys.executable, str(ROOT / "perception_lm.py"), *args], capture_output=True, text=True,
-                          timeout=300)
-
-
-def cli_in_process(*args):
-    """The CLI's main() and error handling, without paying a Python start per case."""
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            common.run_cli(lambda: P.main(list(args)))
-            code = 0
-        except SystemExit as e:
-            code = e.code
-    return subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
-
-
 def test_cli_streams_the_greedy_answer(ckpt, ours, images, clip, tmp_path):
     path = tmp_path / "cat picture.png"
     images[0].save(path)
-    r = run_cli("--model", str(ckpt["8b"]), "--image", str(path), "--prompt", QUESTIONS[0], "--max-new-tokens", "12",
-                "--verbose")
+    r = run_cli("perception_lm.py", "--model", str(ckpt["8b"]), "--image", str(path), "--prompt", QUESTIONS[0],
+                "--max-new-tokens", "12", "--verbose")
     assert r.returncode == 0, r.stderr
     model, proc = ours["8b"]
     image = common.open_image(path)
@@ -497,12 +448,12 @@ def test_cli_streams_the_greedy_answer(ckpt, ours, images, clip, tmp_path):
     assert "tokens/s" in r.stderr and "load" in r.stderr
     # --max-tiles caps the tiling as transformers' max_num_tiles does; --video samples --num-frames; --raw
     model, proc = ours["1b"]
-    r = cli_in_process("--model", str(ckpt["1b"]), "--image", str(path), "--max-tiles", "1", "--video", str(clip[0]),
+    r = cli_in_process(P, "--model", str(ckpt["1b"]), "--image", str(path), "--max-tiles", "1", "--video", str(clip[0]),
                        "--num-frames", "5", "--prompt", "Compare.", "--max-new-tokens", "6")
     inputs = proc(text=[chat(proc, "Compare.", videos=1)], images=[image], videos=[str(clip[0])], num_frames=5, max_num_tiles=1)
     assert inputs["pixel_values"].shape[1] == 2 and inputs["pixel_values_videos"].shape[1] == 5
     assert r.returncode == 0 and r.stdout == proc.decode(model.generate(**inputs, max_new_tokens=6)[0]) + "\n", r.stderr
-    r = cli_in_process("--model", str(ckpt["1b"]), "--image", str(path), "--raw", "--prompt", "<|image|>cat",
+    r = cli_in_process(P, "--model", str(ckpt["1b"]), "--image", str(path), "--raw", "--prompt", "<|image|>cat",
                        "--max-new-tokens", "6")
     inputs = proc(text=["<|image|>cat"], images=[image])
     assert r.returncode == 0 and r.stdout == proc.decode(model.generate(**inputs, max_new_tokens=6)[0]) + "\n", r.stderr
@@ -513,56 +464,3 @@ def test_cli_help_tells_the_tile_cost():
     with contextlib.redirect_stdout(out), pytest.raises(SystemExit):
         P.main(["--help"])
     assert "--max-tiles" in out.getvalue() and "9.5k" in out.getvalue() and "--num-frames" in out.getvalue()
-
-
-def test_cli_bad_inputs_fail_in_one_line(ckpt, clip, tmp_path):
-    good = tmp_path / "ok.png"
-    Image.new("RGB", (20, 20), "red").save(good)
-    truncated = tmp_path / "cut.jpg"
-    Image.new("RGB", (200, 200), "blue").save(truncated, quality=95)
-    truncated.write_bytes(truncated.read_bytes()[:300])
-    not_video = tmp_path / "notes.mp4"
-    not_video.write_text("not a video")
-    audio = tmp_path / "voice.m4a"
-    with av.open(str(audio), "w") as c:
-        s = c.add_stream("aac", rate=16000)
-        frame = av.AudioFrame.from_ndarray(np.zeros((1, 1024), np.float32), format="fltp", layout="mono")
-        frame.sample_rate = 16000
-        for packet in [p for _ in range(5) for p in s.encode(frame)] + list(s.encode()):
-            c.mux(packet)
-    no_frames = tmp_path / "empty.mkv"  # a Matroska header and no frame: cut where the first cluster starts
-    with av.open(str(no_frames), "w") as c:
-        s = c.add_stream("mpeg4", rate=10)
-        s.width, s.height, s.pix_fmt = 16, 16, "yuv420p"
-        black = av.VideoFrame.from_ndarray(np.zeros((16, 16, 3), np.uint8))
-        for packet in [p for _ in range(3) for p in s.encode(black)] + list(s.encode()):
-            c.mux(packet)
-    data = no_frames.read_bytes()
-    no_frames.write_bytes(data[:data.index(b"\x1f\x43\xb6\x75") + 4])
-    other = tmp_path / "other"
-    other.mkdir()
-    (other / "config.json").write_text(json.dumps({"model_type": "paligemma"}))
-    m = str(ckpt["1b"])
-    cases = [
-        (["--model", m, "--image", str(tmp_path / "nope.png")], "No such file or directory"),
-        (["--model", m, "--video", str(not_video)], "cannot be read"),
-        (["--model", m, "--image", str(tmp_path)], "Is a directory"),
-        (["--model", m, "--image", str(truncated)], "cannot be read"),
-        (["--model", m, "--video", str(tmp_path / "nope.mp4")], "No such file or directory"),
-        (["--model", m, "--video", str(audio)], "has no video stream"),
-        (["--model", m, "--video", str(no_frames)], "has no decodable frames"),
-        (["--model", m, "--video", str(clip[0]), "--num-frames", "0"], "--num-frames must be positive"),
-        (["--model", m, "--image", str(good), "--max-tiles", "0"], "--max-tiles must be positive"),
-        (["--model", m, "--image", str(good), "--raw", "--prompt", "<|image|><|image|>two?"],
-         "2 <|image|> placeholders but 1 images were given"),
-        (["--model", m, "--image", str(good), "--raw", "--prompt", "no placeholder"], "0 <|image|> placeholders"),
-        (["--model", str(other), "--image", str(good)], "not PerceptionLM"),
-        (["--model", m, "--image", str(good), "--prompt", "word " * 12000], "exceed the model's context of 11520"),
-        (["--model", m, "--image", str(good), "--max-new-tokens", "0"], "max-new-tokens must be positive"),
-    ]
-    for i, (args, message) in enumerate(cases):
-        r = run_cli(*args) if i < 2 else cli_in_process(*args)  # two through a real process, the rest in this one
-        assert r.returncode == 1, (args, r.stderr)
-        assert r.stderr.startswith("error: ") and r.stderr.count("\n") == 1, (args, r.stderr)
-        assert message in r.stderr, (args, r.stderr)
-        assert r.stdout == ""

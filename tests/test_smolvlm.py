@@ -6,35 +6,17 @@ Tolerance: fp32 logits within 1e-4 (the tiny models' logits are O(10); fp32 roun
 O(1e-6), so 1e-4 leaves room for different kernel orders yet catches any real mistake, which moves logits by
 O(0.1..10)). Videos are generated with PyAV inside the tests; transformers cannot open video files here (no
 torchcodec), so it gets the frames we decode with PyAV plus the metadata its own PyAV reader derives."""
-import contextlib
-import io
 import json
-import os
 import shutil
-import subprocess
-import sys
 
-import av
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 import smolvlm as S
 import smolvlm_fixture
-from common import VLMError
-from conftest import ROOT
+from helpers import assert_same_inputs, cli_in_process, decode_video, make_video, one_thread, run_cli  # noqa: F401
 
 VARIANTS = ["v1", "v1big", "v2"]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """These tensors are tiny: on a shared 2-core machine OpenMP hand-offs cost ~10 ms a matmul, 100x the work."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="session")
@@ -58,31 +40,11 @@ def hf(ckpt):
                 AutoProcessor.from_pretrained(ckpt[v])) for v in VARIANTS}
 
 
-def make_video(path, seconds=9.5, fps=4, size=(48, 36)):
-    """A moving colour pattern encoded as mpeg4 (in .mp4 or .mkv, by the suffix)."""
-    w, h = size
-    y, x = np.mgrid[0:h, 0:w]
-    with av.open(str(path), "w") as c:
-        s = c.add_stream("mpeg4", rate=fps)
-        s.width, s.height, s.pix_fmt = w, h, "yuv420p"
-        for i in range(int(seconds * fps)):
-            a = np.stack([(x * 5 + i * 7) % 256, (y * 7 + i * 3) % 256, ((x + y) * 3 + i * 11) % 256], -1).astype(np.uint8)
-            for packet in s.encode(av.VideoFrame.from_ndarray(a, format="rgb24")):
-                c.mux(packet)
-        for packet in s.encode():
-            c.mux(packet)
-    return path
-
-
 @pytest.fixture(scope="session")
 def video(tmp_path_factory):
     """A 9.5 s, 4 fps clip, all its frames decoded with PyAV, and the metadata transformers' PyAV reader gives."""
-    path = make_video(tmp_path_factory.mktemp("video") / "clip one.mp4")
-    with av.open(str(path)) as c:
-        s = c.streams.video[0]
-        frames = np.stack([f.to_ndarray(format="rgb24") for f in c.decode(s)])
-        meta = {"total_num_frames": s.frames, "fps": float(s.average_rate), "duration": s.frames / float(s.average_rate)}
-    return path, frames, meta
+    path = make_video(tmp_path_factory.mktemp("video") / "clip one.mp4", n_frames=38, fps=4)
+    return (path, *decode_video(path))
 
 
 def hf_inputs(inputs):
@@ -97,14 +59,6 @@ def hf_call(hproc, **case):
 
 def chat(*content, text="Describe this image."):
     return [{"role": "user", "content": [{"type": c} for c in content] + [{"type": "text", "text": text}]}]
-
-
-def assert_same_inputs(ours, theirs):
-    assert list(ours) == list(theirs)
-    for k in theirs:
-        assert ours[k].shape == theirs[k].shape, k
-        assert ours[k].dtype == theirs[k].dtype, k
-        assert torch.equal(ours[k], theirs[k]), k
 
 
 # ----------------------------------------------------------------------------- fixture and config
@@ -240,18 +194,6 @@ def test_image_splitting_layout(ours, images):
         ids = proc(text=["<image>"], images=[[im]])["input_ids"][0]
         assert int((ids == proc.tokenizer.token_to_id("<image>")).sum()) == (rows * cols + 1) * proc.image_seq_len
         assert len(ids) == proc.image_seq_len + 3 + rows * ((proc.image_seq_len + 2) * cols + 1)  # "\n\n" one token
-
-
-def test_processor_errors(ours, images):
-    proc = ours["v1"][1]
-    with pytest.raises(VLMError, match=r"\[2\] <image> placeholders but \[1\] images"):
-        proc(text=["<image><image>x"], images=[[images[0]]])
-    with pytest.raises(VLMError, match="no images were given"):
-        proc(text=["<image>x"])
-    with pytest.raises(VLMError, match="does not take videos"):
-        proc(text=["<video>x"], videos=[np.zeros((2, 8, 8, 3), np.uint8)])
-    with pytest.raises(VLMError, match="not both"):
-        ours["v2"][1](text=["<image><video>"], images=[[images[0]]], videos=[np.zeros((2, 8, 8, 3), np.uint8)])
 
 
 def test_number_words_match_num2words():
@@ -439,103 +381,29 @@ def test_video_processor_config_file(ckpt, video, tmp_path):
 
 # ----------------------------------------------------------------------------- command line
 
-def run_cli(*args):
-    env = dict(os.environ, OMP_NUM_THREADS="1")  # see one_thread()
-    return subprocess.run([sys.executable, str(ROOT / "smolvlm.py"), *args], capture_output=True, timeout=300, env=env)
-
-
-def cli_in_process(*args):
-    """The CLI's main() and error handling, without paying a Python start per case."""
-    import common
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            common.run_cli(lambda: S.main(list(args)))
-            code = 0
-        except SystemExit as e:
-            code = e.code
-    return subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
-
-
 def test_cli_image_end_to_end(ckpt, ours, images, tmp_path):
     """Two --image flags: both go into the one prompt, wrapped in the chat template."""
     paths = [tmp_path / "cat picture.png", tmp_path / "dog.jpg"]
     images[0].save(paths[0])
     images[3].save(paths[1], quality=90)
-    r = run_cli("--model", str(ckpt["v1"]), "--image", str(paths[0]), "--image", str(paths[1]), "--prompt",
+    r = run_cli("smolvlm.py", "--model", str(ckpt["v1"]), "--image", str(paths[0]), "--image", str(paths[1]), "--prompt",
                 "Describe this image.", "--max-new-tokens", "12", "--verbose")
     assert r.returncode == 0, r.stderr
     model, proc = ours["v1"]
     inputs = proc(text=[proc.apply_chat_template(chat("image", "image"))], images=[[S.open_image(p) for p in paths]])
-    assert r.stdout.decode() == proc.decode(model.generate(**inputs, max_new_tokens=12)[0]) + "\n"
-    assert b"tokens/s" in r.stderr and b"load" in r.stderr
+    assert r.stdout == proc.decode(model.generate(**inputs, max_new_tokens=12)[0]) + "\n"
+    assert "tokens/s" in r.stderr and "load" in r.stderr
 
 
 def test_cli_video_end_to_end(ckpt, ours, video):
     path = str(video[0])
-    r = run_cli("--model", str(ckpt["v2"]), "--video", path, "--prompt", "What happens?", "--num-frames", "4",
+    r = run_cli("smolvlm.py", "--model", str(ckpt["v2"]), "--video", path, "--prompt", "What happens?", "--num-frames", "4",
                 "--max-new-tokens", "10")
     assert r.returncode == 0, r.stderr
     model, proc = ours["v2"]
     inputs = proc(text=[proc.apply_chat_template(chat("video", text="What happens?"))], videos=[path], num_frames=4)
-    assert r.stdout.decode() == proc.decode(model.generate(**inputs, max_new_tokens=10)[0]) + "\n"
-    raw = cli_in_process("--model", str(ckpt["v2"]), "--video", path, "--prompt", "In this video, we see", "--raw",
+    assert r.stdout == proc.decode(model.generate(**inputs, max_new_tokens=10)[0]) + "\n"
+    raw = cli_in_process(S, "--model", str(ckpt["v2"]), "--video", path, "--prompt", "In this video, we see", "--raw",
                          "--num-frames", "4", "--max-new-tokens", "10")
     inputs = proc(text=["<video>In this video, we see"], videos=[path], num_frames=4)
     assert raw.returncode == 0 and raw.stdout == proc.decode(model.generate(**inputs, max_new_tokens=10)[0]) + "\n"
-
-
-def test_cli_bad_inputs_fail_in_one_line(ckpt, tmp_path):
-    good = tmp_path / "ok.png"
-    Image.new("RGB", (20, 20), "red").save(good)
-    truncated = tmp_path / "cut.jpg"
-    Image.new("RGB", (200, 200), "blue").save(truncated, quality=95)
-    truncated.write_bytes(truncated.read_bytes()[:300])
-    text = tmp_path / "notes.jpg"
-    text.write_text("not an image")
-    not_video = tmp_path / "notes.mp4"
-    not_video.write_text("not a video")
-    audio = tmp_path / "sound.m4a"
-    with av.open(str(audio), "w", format="mp4") as c:
-        s = c.add_stream("aac", rate=8000)
-        for _ in range(8):
-            frame = av.AudioFrame.from_ndarray(np.zeros((1, 1024), np.float32), format="fltp", layout="mono")
-            frame.sample_rate = 8000
-            for packet in s.encode(frame):
-                c.mux(packet)
-    empty = make_video(tmp_path / "empty.mkv", seconds=2, size=(16, 16))  # keep the header, cut before any frame
-    data = empty.read_bytes()
-    empty.write_bytes(data[:data.find(bytes.fromhex("1F43B675")) + 4])
-    other = tmp_path / "paligemma"
-    other.mkdir()
-    (other / "config.json").write_text(json.dumps({"model_type": "paligemma", "text_config": {"model_type": "gemma"}}))
-    v1, v2, clip = str(ckpt["v1"]), str(ckpt["v2"]), str(make_video(tmp_path / "clip.mp4", seconds=2))
-    cases = [
-        (["--model", v1, "--image", str(good), "--prompt", b"caf\xe9".decode("utf-8", "surrogateescape")], "not valid UTF-8"),
-        (["--model", v1, "--image", str(tmp_path / "nope.png")], "No such file or directory"),
-        (["--model", v1, "--image", str(tmp_path)], "Is a directory"),
-        (["--model", v1, "--image", str(truncated)], "cannot be read"),
-        (["--model", v1, "--image", str(text)], "cannot be read"),
-        (["--model", v2, "--video", str(tmp_path / "nope.mp4")], "No such file or directory"),
-        (["--model", v2, "--video", str(not_video)], "cannot be read"),
-        (["--model", v2, "--video", str(audio)], "has no video stream"),
-        (["--model", v2, "--video", str(empty)], "has no decodable frames"),
-        (["--model", v1, "--video", clip], "does not take videos"),
-        (["--model", v2, "--video", clip, "--image", str(good)], "not both"),
-        (["--model", v1, "--image", str(good), "--raw", "--prompt", "<image><image>two?"], "2] <image> placeholders but [1]"),
-        (["--model", v1, "--image", str(good), "--prompt", "what is <image>?"], "2] <image> placeholders but [1]"),
-        (["--model", str(other), "--image", str(good)], "'paligemma' checkpoint, not SmolVLM"),
-        (["--model", v1, "--image", str(good), "--prompt", "cow " * 9000], "exceed the model's context"),
-        (["--model", v2, "--video", clip, "--num-frames", "0"], "num-frames must be positive"),
-        (["--model", v1, "--max-new-tokens", "0"], "max-new-tokens must be positive"),
-    ]
-    for i, (args, message) in enumerate(cases):
-        if i < 2:  # two through a real process (one with real non-UTF-8 bytes in argv), the rest in this one
-            r = run_cli(*[a.encode("utf-8", "surrogateescape") for a in args])
-            r = subprocess.CompletedProcess(args, r.returncode, r.stdout.decode(), r.stderr.decode())
-        else:
-            r = cli_in_process(*args)
-        assert r.returncode == 1, (args, r.stderr)
-        assert r.stderr.startswith("error: ") and r.stderr.count("\n") == 1, (args, r.stderr)
-        assert message in r.stderr, (args, r.stderr)
-        assert r.stdout == ""

@@ -1,0 +1,110 @@
+"""Utilities the test files share: running a CLI (in this process, or as a real process), checking that it
+failed in one clear line, writing and decoding small videos, comparing processor outputs."""
+import contextlib
+import io
+import subprocess
+import sys
+import warnings
+
+import av
+import numpy as np
+import pytest
+import torch
+
+from conftest import ROOT
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Import into a test module to run it single-threaded: its tensors are tiny, and on a shared 2-core machine
+    OpenMP hand-offs cost ~10 ms a matmul, 100x the work."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def cli_in_process(module, *args):
+    """A model file's main() with the CLI's error handling (common.run_cli), in this process: no Python start
+    per case. Warnings go to stderr under Python's default filters, as in `python <file>.py` (pytest would
+    record them instead). -> CompletedProcess with the exit code and the text written to stdout and stderr."""
+    import common
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), warnings.catch_warnings():
+        warnings.resetwarnings()
+        for category in (DeprecationWarning, PendingDeprecationWarning, ImportWarning, ResourceWarning):
+            warnings.simplefilter("ignore", category)
+        warnings.showwarning = lambda message, category, filename, lineno, file=None, line=None: \
+            sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line))
+        try:
+            common.run_cli(lambda: module.main([str(a) for a in args]))
+            code = 0
+        except SystemExit as e:
+            code = e.code
+    return subprocess.CompletedProcess(list(args), code, out.getvalue(), err.getvalue())
+
+
+def run_cli(script, *args, env=None, timeout=300):
+    """`python <script> args...` as a real process (env None: this one's). Arguments may be bytes, to pass
+    bytes that are not UTF-8 as a shell would; stdout and stderr come back as text."""
+    argv = [sys.executable, str(ROOT / script)] + [a if isinstance(a, bytes) else str(a) for a in args]
+    r = subprocess.run(argv, capture_output=True, env=env, timeout=timeout)
+    return subprocess.CompletedProcess(args, r.returncode, r.stdout.decode("utf-8", "replace"),
+                                       r.stderr.decode("utf-8", "replace"))
+
+
+def assert_fails(r, message):
+    """Exit code 1, nothing on stdout, and exactly one stderr line: `error: ...` containing `message`."""
+    assert r.returncode == 1, (r.args, r.returncode, r.stderr)
+    assert r.stdout == "", (r.args, r.stdout)
+    assert r.stderr.startswith("error: ") and r.stderr.endswith("\n") and r.stderr.count("\n") == 1, (r.args, r.stderr)
+    assert message in r.stderr, (r.args, message, r.stderr)
+
+
+def assert_same_inputs(ours, theirs):
+    """Same keys in the same order, and per key the same shape, dtype and values."""
+    assert list(ours) == list(theirs)
+    for k in theirs:
+        assert ours[k].shape == theirs[k].shape, k
+        assert ours[k].dtype == theirs[k].dtype, k
+        assert torch.equal(ours[k], theirs[k]), k
+
+
+def moving_pattern(i, y, x):
+    """Frame i of a moving colour pattern (every frame differs), (H, W, 3) uint8 from a coordinate grid."""
+    return np.stack([(x * 5 + i * 7) % 256, (y * 7 + i * 3) % 256, ((x + y) * 3 + i * 11) % 256], -1).astype(np.uint8)
+
+
+def make_video(path, n_frames, fps, size=(48, 36), pattern=moving_pattern):
+    """Encode `n_frames` frames of `pattern` as mpeg4 (the container follows the suffix: .mp4, .mkv, ...)."""
+    w, h = size
+    y, x = np.mgrid[0:h, 0:w]
+    with av.open(str(path), "w") as c:
+        s = c.add_stream("mpeg4", rate=fps)
+        s.width, s.height, s.pix_fmt = w, h, "yuv420p"
+        for i in range(n_frames):
+            for packet in s.encode(av.VideoFrame.from_ndarray(pattern(i, y, x), format="rgb24")):
+                c.mux(packet)
+        for packet in s.encode():
+            c.mux(packet)
+    return path
+
+
+def decode_video(path):
+    """Every frame of a video decoded by PyAV (N, H, W, 3), and the metadata transformers' PyAV reader derives."""
+    with av.open(str(path)) as c:
+        s = c.streams.video[0]
+        frames = np.stack([f.to_ndarray(format="rgb24") for f in c.decode(s)])
+        meta = {"total_num_frames": s.frames, "fps": float(s.average_rate), "duration": s.frames / float(s.average_rate)}
+    return frames, meta
+
+
+def make_audio(path, seconds=0.5, rate=16000):
+    """An audio-only file (AAC, silence), e.g. a voice memo passed where a video is expected."""
+    with av.open(str(path), "w", format="mp4") as c:
+        s = c.add_stream("aac", rate=rate)
+        frame = av.AudioFrame.from_ndarray(np.zeros((1, 1024), np.float32), format="fltp", layout="mono")
+        frame.sample_rate = rate
+        for packet in [p for _ in range(int(seconds * rate / 1024) + 1) for p in s.encode(frame)] + list(s.encode()):
+            c.mux(packet)
+    return path
