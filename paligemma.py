@@ -245,7 +245,8 @@ class PaliGemma(nn.Module):
         self.stop, self.pad_id = [1], 0  # set from the checkpoint by load()
 
     def image_features(self, pixel_values):  # (N, 3, S, S) -> (N, P, C): unscaled, unlike text embeddings
-        return self.multi_modal_projector(self.vision_tower(pixel_values))
+        # 8 images at a time: the same result, with the activations of 8 images instead of a whole batch in memory
+        return torch.cat([self.multi_modal_projector(self.vision_tower(x)) for x in pixel_values.split(8)])
 
     def forward(self, input_ids, pixel_values=None, attention_mask=None, token_type_ids=None, positions=None,
                 cache=None, last_only=False, **_):

@@ -307,7 +307,8 @@ class PerceptionLM(nn.Module):
         self.stop, self.pad_id = [], 0  # set from the checkpoint by load()
 
     def visual_features(self, pixels):  # tiles or frames (..., 3, S, S) -> (N, tokens per tile, Dt)
-        x = self.vision_tower(pixels.flatten(0, -4))
+        """8 tiles at a time: the same result, with activations for 8 tiles instead of 37 (or more) in memory."""
+        x = torch.cat([self.vision_tower(tiles) for tiles in pixels.flatten(0, -4).split(8)])
         return self.multi_modal_projector(x[:, 1:] if self.cfg.vision_use_cls_token else x)
 
     def forward(self, input_ids, pixel_values=None, pixel_values_videos=None, attention_mask=None, cache=None,
