@@ -8,18 +8,16 @@ decoder, the full model, preprocessing, loading, generation, command line.
 
     python paligemma.py --image cat.jpg --prompt "caption en"
 """
-import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import (GatedMLP, KVCache, SelfAttention, Streamer, attend, VLMError, check_args, cli_parser,
-                    from_dict, generate, image_tensor, load_weights,
-                    normalize, open_image, read_json, resize, resolve, rope_theta, rope_cos_sin, rope_inv_freq,
-                    run_cli, stop_ids)
+from common import (GatedMLP, KVCache, SelfAttention, Streamer, VLMError, attend, check_args, cli_parser, from_dict,
+                    generate, image_tensor, load_weights, normalize, open_image, read_json, resize, resolve,
+                    rope_cos_sin, rope_inv_freq, rope_theta, run_cli, stop_ids)
 
 DEFAULT_MODEL = "google/paligemma2-3b-mix-224"
 

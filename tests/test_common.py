@@ -91,8 +91,11 @@ class Tiny(nn.Module):
 def test_load_weights(tmp_path):
     good = {"a.weight": torch.randn(2, 3), "a.bias": torch.randn(2)}
     save_file(good, tmp_path / "model.safetensors")
-    m = common.load_weights(Tiny, tmp_path, lambda k: k)
+    m = common.load_weights(Tiny, tmp_path, lambda k: k, dtype=torch.float32)
     assert torch.equal(m.a.weight, good["a.weight"]) and m.a.weight.device.type == "cpu"
+    fast_bf16 = torch.cpu._is_avx512_bf16_supported()  # the default dtype: bf16 only where bf16 products are fast
+    m = common.load_weights(Tiny, tmp_path, lambda k: k, device="cpu")
+    assert m.a.weight.dtype == (torch.bfloat16 if fast_bf16 else torch.float32)
     m = common.load_weights(Tiny, tmp_path, lambda k: k, dtype="bfloat16")
     assert m.a.weight.dtype == torch.bfloat16
     assert common.resolve(str(tmp_path)) == tmp_path  # a local directory is used as it is

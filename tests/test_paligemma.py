@@ -31,7 +31,7 @@ def ckpt(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def ours(ckpt):
-    return {v: P.load(str(ckpt[v])) for v in VARIANTS}
+    return {v: P.load(str(ckpt[v]), dtype=torch.float32) for v in VARIANTS}  # fp32: the parity dtype (the CPU default may be bf16)
 
 
 @pytest.fixture(scope="session")
@@ -302,7 +302,7 @@ def test_stops_at_end_token(ckpt, images, tmp_path):
 def test_cli_streams_the_greedy_answer(ckpt, ours, images, tmp_path):
     path = tmp_path / "cat picture.png"
     images[0].save(path)
-    r = run_cli("paligemma.py", "--model", str(ckpt["pg2"]), "--image", str(path), "--prompt", "caption en",
+    r = run_cli("paligemma.py", "--dtype", "float32", "--model", str(ckpt["pg2"]), "--image", str(path), "--prompt", "caption en",
                 "--max-new-tokens", "12", "--verbose")
     assert r.returncode == 0, r.stderr
     model, proc = ours["pg2"]

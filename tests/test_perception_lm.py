@@ -37,7 +37,7 @@ def ckpt(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def ours(ckpt):
-    return {v: P.load(str(ckpt[v])) for v in VARIANTS}
+    return {v: P.load(str(ckpt[v]), dtype=torch.float32) for v in VARIANTS}  # fp32: the parity dtype (the CPU default may be bf16)
 
 
 @pytest.fixture(scope="session")
@@ -438,7 +438,7 @@ def test_stops_at_end_token(ckpt, images, tmp_path):
 def test_cli_streams_the_greedy_answer(ckpt, ours, images, clip, tmp_path):
     path = tmp_path / "cat picture.png"
     images[0].save(path)
-    r = run_cli("perception_lm.py", "--model", str(ckpt["8b"]), "--image", str(path), "--prompt", QUESTIONS[0],
+    r = run_cli("perception_lm.py", "--dtype", "float32", "--model", str(ckpt["8b"]), "--image", str(path), "--prompt", QUESTIONS[0],
                 "--max-new-tokens", "12", "--verbose")
     assert r.returncode == 0, r.stderr
     model, proc = ours["8b"]
@@ -448,12 +448,12 @@ def test_cli_streams_the_greedy_answer(ckpt, ours, images, clip, tmp_path):
     assert "tokens/s" in r.stderr and "load" in r.stderr
     # --max-tiles caps the tiling as transformers' max_num_tiles does; --video samples --num-frames; --raw
     model, proc = ours["1b"]
-    r = cli_in_process(P, "--model", str(ckpt["1b"]), "--image", str(path), "--max-tiles", "1", "--video", str(clip[0]),
+    r = cli_in_process(P, "--dtype", "float32", "--model", str(ckpt["1b"]), "--image", str(path), "--max-tiles", "1", "--video", str(clip[0]),
                        "--num-frames", "5", "--prompt", "Compare.", "--max-new-tokens", "6")
     inputs = proc(text=[chat(proc, "Compare.", videos=1)], images=[image], videos=[str(clip[0])], num_frames=5, max_num_tiles=1)
     assert inputs["pixel_values"].shape[1] == 2 and inputs["pixel_values_videos"].shape[1] == 5
     assert r.returncode == 0 and r.stdout == proc.decode(model.generate(**inputs, max_new_tokens=6)[0]) + "\n", r.stderr
-    r = cli_in_process(P, "--model", str(ckpt["1b"]), "--image", str(path), "--raw", "--prompt", "<|image|>cat",
+    r = cli_in_process(P, "--dtype", "float32", "--model", str(ckpt["1b"]), "--image", str(path), "--raw", "--prompt", "<|image|>cat",
                        "--max-new-tokens", "6")
     inputs = proc(text=["<|image|>cat"], images=[image])
     assert r.returncode == 0 and r.stdout == proc.decode(model.generate(**inputs, max_new_tokens=6)[0]) + "\n", r.stderr

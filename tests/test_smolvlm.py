@@ -30,7 +30,7 @@ def ckpt(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def ours(ckpt):
-    return {v: S.load(str(ckpt[v])) for v in VARIANTS}
+    return {v: S.load(str(ckpt[v]), dtype=torch.float32) for v in VARIANTS}  # fp32: the parity dtype (the CPU default may be bf16)
 
 
 @pytest.fixture(scope="session")
@@ -386,7 +386,7 @@ def test_cli_image_end_to_end(ckpt, ours, images, tmp_path):
     paths = [tmp_path / "cat picture.png", tmp_path / "dog.jpg"]
     images[0].save(paths[0])
     images[3].save(paths[1], quality=90)
-    r = run_cli("smolvlm.py", "--model", str(ckpt["v1"]), "--image", str(paths[0]), "--image", str(paths[1]), "--prompt",
+    r = run_cli("smolvlm.py", "--dtype", "float32", "--model", str(ckpt["v1"]), "--image", str(paths[0]), "--image", str(paths[1]), "--prompt",
                 "Describe this image.", "--max-new-tokens", "12", "--verbose")
     assert r.returncode == 0, r.stderr
     model, proc = ours["v1"]
@@ -397,13 +397,13 @@ def test_cli_image_end_to_end(ckpt, ours, images, tmp_path):
 
 def test_cli_video_end_to_end(ckpt, ours, video):
     path = str(video[0])
-    r = run_cli("smolvlm.py", "--model", str(ckpt["v2"]), "--video", path, "--prompt", "What happens?", "--num-frames", "4",
+    r = run_cli("smolvlm.py", "--dtype", "float32", "--model", str(ckpt["v2"]), "--video", path, "--prompt", "What happens?", "--num-frames", "4",
                 "--max-new-tokens", "10")
     assert r.returncode == 0, r.stderr
     model, proc = ours["v2"]
     inputs = proc(text=[proc.apply_chat_template(chat("video", text="What happens?"))], videos=[path], num_frames=4)
     assert r.stdout == proc.decode(model.generate(**inputs, max_new_tokens=10)[0]) + "\n"
-    raw = cli_in_process(S, "--model", str(ckpt["v2"]), "--video", path, "--prompt", "In this video, we see", "--raw",
+    raw = cli_in_process(S, "--dtype", "float32", "--model", str(ckpt["v2"]), "--video", path, "--prompt", "In this video, we see", "--raw",
                          "--num-frames", "4", "--max-new-tokens", "10")
     inputs = proc(text=["<video>In this video, we see"], videos=[path], num_frames=4)
     assert raw.returncode == 0 and raw.stdout == proc.decode(model.generate(**inputs, max_new_tokens=10)[0]) + "\n"
