@@ -16,7 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from common import (GatedMLP, KVCache, SelfAttention, Streamer, VLMError, attend, check_args, cli_parser, from_dict,
-                    generate, image_tensor, load_weights, normalize, open_image, read_json, resize, resolve,
+                    generate, image_tensor, linear, load_weights, normalize, open_image, read_json, resize, resolve,
                     rope_cos_sin, rope_inv_freq, rope_theta, run_cli, stop_ids)
 
 DEFAULT_MODEL = "google/paligemma2-3b-mix-224"
@@ -243,8 +243,9 @@ class PaliGemma(nn.Module):
         self.stop, self.pad_id = [1], 0  # set from the checkpoint by load()
 
     def image_features(self, pixel_values):  # (N, 3, S, S) -> (N, P, C): unscaled, unlike text embeddings
-        # 8 images at a time: the same result, with the activations of 8 images instead of a whole batch in memory
-        return torch.cat([self.multi_modal_projector(self.vision_tower(x)) for x in pixel_values.split(8)])
+        # 4 images at a time: the same result, with the activations of 4 images instead of a whole batch in memory
+        # (and faster on a CPU: small activations reuse freed memory instead of page-faulting in fresh memory)
+        return torch.cat([self.multi_modal_projector(self.vision_tower(x)) for x in pixel_values.split(4)])
 
     def forward(self, input_ids, pixel_values=None, attention_mask=None, token_type_ids=None, positions=None,
                 cache=None, last_only=False, **_):
@@ -273,7 +274,7 @@ class PaliGemma(nn.Module):
             cache.len += T
         if last_only:
             x = x[:, -1:]
-        logits = F.linear(x, self.language_model.embed_tokens.weight)  # the output head is the embedding
+        logits = linear(x, self.language_model.embed_tokens.weight)  # the output head is the embedding
         cap = self.cfg.text.final_logit_softcapping
         return torch.tanh(logits / cap) * cap if cap else logits
 

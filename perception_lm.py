@@ -24,7 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from common import (GatedMLP, KVCache, SelfAttention, Streamer, VLMError, attend, check_args, cli_parser,
-                    from_dict, generate, image_tensor, load_weights, make_mask, normalize, open_image, read_json,
+                    from_dict, generate, image_tensor, linear, load_weights, make_mask, normalize, open_image, read_json,
                     read_video, resize, resolve, rope_cos_sin, rope_inv_freq, rope_theta, run_cli, stop_ids)
 
 DEFAULT_MODEL = "facebook/Perception-LM-1B"
@@ -307,8 +307,9 @@ class PerceptionLM(nn.Module):
         self.stop, self.pad_id = [], 0  # set from the checkpoint by load()
 
     def visual_features(self, pixels):  # tiles or frames (..., 3, S, S) -> (N, tokens per tile, Dt)
-        """8 tiles at a time: the same result, with activations for 8 tiles instead of 37 (or more) in memory."""
-        x = torch.cat([self.vision_tower(tiles) for tiles in pixels.flatten(0, -4).split(8)])
+        """4 tiles at a time: the same result, with activations for 4 tiles instead of 37 (or more) in memory, and
+        faster on a CPU (small activations reuse freed memory instead of page-faulting in fresh memory)."""
+        x = torch.cat([self.vision_tower(tiles) for tiles in pixels.flatten(0, -4).split(4)])
         return self.multi_modal_projector(x[:, 1:] if self.cfg.vision_use_cls_token else x)
 
     def forward(self, input_ids, pixel_values=None, pixel_values_videos=None, attention_mask=None, cache=None,
@@ -334,7 +335,7 @@ class PerceptionLM(nn.Module):
             cache.len += T
         if last_only:
             x = x[:, -1:]
-        return F.linear(x, self.language_model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight)
+        return linear(x, self.language_model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight)
 
     @torch.inference_mode()
     def generate(self, input_ids, pixel_values=None, pixel_values_videos=None, attention_mask=None, max_new_tokens=100,

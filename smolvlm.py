@@ -22,7 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from common import (GatedMLP, KVCache, SelfAttention, Streamer, VLMError, attend, check_args, cli_parser, from_dict,
-                    generate, image_tensor, load_weights, make_mask, normalize, open_image, read_json, read_video,
+                    generate, image_tensor, linear, load_weights, make_mask, normalize, open_image, read_json, read_video,
                     resize, resolve, rope_cos_sin, rope_inv_freq, rope_theta, run_cli, stop_ids)
 
 DEFAULT_MODEL = "HuggingFaceTB/SmolVLM2-256M-Video-Instruct"  # 256M parameters: fine on a laptop CPU
@@ -259,8 +259,9 @@ class SmolVLM(nn.Module):
         p = self.cfg.vision.patch_size
         N, H, W = mask.shape
         patch_mask = mask[:, :H // p * p, :W // p * p].reshape(N, H // p, p, W // p, p).any(4).any(2)  # any real pixel
-        # 8 tiles at a time: the same result, with activations for 8 tiles instead of all of a batch's in memory
-        return torch.cat([self.model.connector(vision(x[i:i + 8], patch_mask[i:i + 8])) for i in range(0, N, 8)])
+        # 4 tiles at a time: the same result, with activations for 4 tiles instead of all of a batch's in memory (and
+        # ~20% faster on a CPU: small activations reuse freed memory instead of page-faulting in fresh memory)
+        return torch.cat([self.model.connector(vision(x[i:i + 4], patch_mask[i:i + 4])) for i in range(0, N, 4)])
 
     def forward(self, input_ids, attention_mask=None, pixel_values=None, pixel_attention_mask=None, positions=None,
                 cache=None, last_only=False, **_):
@@ -280,7 +281,7 @@ class SmolVLM(nn.Module):
         x = self.model.text_model(x, positions, make_mask(keys, T), cache)
         if cache is not None:
             cache.len += T
-        return self.lm_head(x[:, -1:] if last_only else x)
+        return linear(x[:, -1:] if last_only else x, self.lm_head.weight)
 
     @torch.inference_mode()
     def generate(self, input_ids, attention_mask=None, pixel_values=None, pixel_attention_mask=None, max_new_tokens=100,

@@ -43,7 +43,7 @@ def machine():
     import torch
     import transformers
     flags = open("/proc/cpuinfo").read() if Path("/proc/cpuinfo").exists() else ""
-    isa = "AVX512-BF16" if "avx512_bf16" in flags else "AMX" if "amx_bf16" in flags else "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "?"
+    isa = "AMX-BF16" if "amx_bf16" in flags else "AVX512-BF16" if "avx512_bf16" in flags else "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "?"
     return f"{cpu}, {isa}, torch {torch.__version__}, transformers {transformers.__version__}, Python {platform.python_version()}"
 
 

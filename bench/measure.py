@@ -84,10 +84,16 @@ def run(impl, family, model, processor, batch, new_tokens):
 
 
 def decode_bytes(model):
-    """Bytes a decode step must read: every decoder weight once, the LM head included (a tied head is the
-    embedding, counted once), the vision tower not. The KV cache of a short prompt adds < 1% and is left out."""
+    """Bytes a decode step must read: every decoder weight once and the LM head, the vision tower not. A token
+    embedding is only looked up (one row) unless it is also the LM head (tied), when it is read whole, once.
+    The KV cache of a short prompt adds < 1% and is left out."""
     text = {id(p): p for n, p in model.named_parameters() if not n.startswith(VISION_PREFIXES)}
-    return sum(p.numel() * p.element_size() for p in text.values())
+    tables = {id(m.weight): m.weight for n, m in model.named_modules()
+              if isinstance(m, torch.nn.Embedding) and not n.startswith(VISION_PREFIXES)}
+    untied = any(isinstance(m, torch.nn.Linear) and id(m.weight) in text and id(m.weight) not in tables
+                 and any(m.out_features == t.shape[0] for t in tables.values()) for m in model.modules())
+    read = [p for i, p in text.items() if i not in tables or not untied]
+    return sum(p.numel() * p.element_size() for p in read)
 
 
 def main():

@@ -39,8 +39,8 @@ def cli_in_process(module, *args):
         try:
             common.run_cli(lambda: module.main([str(a) for a in args]))
             code = 0
-        except SystemExit as e:
-            code = e.code
+        except SystemExit as e:  # as Python does: a message goes to stderr with exit code 1
+            code = e.code if e.code is None or isinstance(e.code, int) else print(e.code, file=sys.stderr) or 1
     return subprocess.CompletedProcess(list(args), code, out.getvalue(), err.getvalue())
 
 

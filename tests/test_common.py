@@ -51,6 +51,19 @@ def test_rope_matches_transformers():
     assert common.rope_theta({"rope_theta": 5.0}) == common.rope_theta({"rope_parameters": {"rope_theta": 5.0}}) == 5.0
 
 
+def test_linear_is_x_times_w_transposed():
+    """The decoders' linear(): F.linear itself in fp32 (bit for bit); in bf16 the matrix-vector route for a few
+    rows agrees with F.linear to bf16 rounding, for every row count and leading shape a decoder passes."""
+    torch.manual_seed(0)
+    w = torch.randn(48, 32)
+    for shape in [(1, 1, 32), (4, 1, 32), (2, 3, 32), (1, 40, 32), (5, 32)]:
+        x = torch.randn(shape)
+        assert torch.equal(common.linear(x, w), torch.nn.functional.linear(x, w))
+        ours, ref = common.linear(x.bfloat16(), w.bfloat16()), torch.nn.functional.linear(x.bfloat16(), w.bfloat16())
+        assert ours.shape == ref.shape and ours.dtype == torch.bfloat16 and ours.is_contiguous()
+        assert (ours.float() - ref.float()).abs().max() <= 0.02 * ref.float().abs().max()
+
+
 def test_kv_cache_writes_in_place():
     cache = common.KVCache(2, 1, 1, 10, 4, torch.float32, "cpu")
     ptr = cache.k.data_ptr()
