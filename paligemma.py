@@ -243,9 +243,9 @@ class PaliGemma(nn.Module):
         self.stop, self.pad_id = [1], 0  # set from the checkpoint by load()
 
     def image_features(self, pixel_values):  # (N, 3, S, S) -> (N, P, C): unscaled, unlike text embeddings
-        # 4 images at a time: the same result, with the activations of 4 images instead of a whole batch in memory
+        # 2 images at a time: the same result, with the activations of 2 images instead of a whole batch in memory
         # (and faster on a CPU: small activations reuse freed memory instead of page-faulting in fresh memory)
-        return torch.cat([self.multi_modal_projector(self.vision_tower(x)) for x in pixel_values.split(4)])
+        return torch.cat([self.multi_modal_projector(self.vision_tower(x)) for x in pixel_values.split(2)])
 
     def forward(self, input_ids, pixel_values=None, attention_mask=None, token_type_ids=None, positions=None,
                 cache=None, last_only=False, **_):

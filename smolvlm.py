@@ -259,9 +259,9 @@ class SmolVLM(nn.Module):
         p = self.cfg.vision.patch_size
         N, H, W = mask.shape
         patch_mask = mask[:, :H // p * p, :W // p * p].reshape(N, H // p, p, W // p, p).any(4).any(2)  # any real pixel
-        # 4 tiles at a time: the same result, with activations for 4 tiles instead of all of a batch's in memory (and
+        # 2 tiles at a time: the same result, with activations for 2 tiles instead of all of a batch's in memory (and
         # ~20% faster on a CPU: small activations reuse freed memory instead of page-faulting in fresh memory)
-        return torch.cat([self.model.connector(vision(x[i:i + 4], patch_mask[i:i + 4])) for i in range(0, N, 4)])
+        return torch.cat([self.model.connector(vision(x[i:i + 2], patch_mask[i:i + 2])) for i in range(0, N, 2)])
 
     def forward(self, input_ids, attention_mask=None, pixel_values=None, pixel_attention_mask=None, positions=None,
                 cache=None, last_only=False, **_):
