@@ -241,7 +241,7 @@ def load_weights(make, folder, rename, device=None, dtype=None):
     dtype = getattr(torch, dtype, dtype) if isinstance(dtype, str) else dtype or (torch.bfloat16 if fast_bf16 else torch.float32)
     if dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise VLMError(f"unknown dtype {dtype} (use float32, bfloat16 or float16)")
-    relayout = device.type == "cpu" and dtype == torch.float32  # (see below)
+    relayout = device.type == "cpu" and dtype == torch.float32 and not fast_bf16  # (see below)
     index = Path(folder) / "model.safetensors.index.json"
     files = sorted(set(read_json(index)["weight_map"].values())) if index.exists() else ["model.safetensors"]
     if not index.exists() and not (Path(folder) / files[0]).exists():
@@ -265,8 +265,9 @@ def load_weights(make, folder, rename, device=None, dtype=None):
                     if (shape := tuple(f.get_slice(key).get_shape())) != expected[ours].shape:  # the file pages a
                         raise VLMError(f"tensor {key} has shape {shape}, expected {tuple(expected[ours].shape)}")
                     t = f.get_tensor(key)  # converted tensor came from are released at once
-                    # MKL's fp32 matrix-vector product (a decode step) reads a tall matrix up to 2x faster when it
-                    # is stored column-major (bench/); the vision towers only multiply matrices, so they keep theirs.
+                    # On AVX2-only CPUs, MKL's fp32 matrix-vector product (a decode step) reads a tall matrix up to 2x
+                    # faster stored column-major (bench/); on AVX-512 ones it gains ~3% and would triple the load time
+                    # (a transposing copy). The vision towers only multiply matrices, so they keep their layout.
                     tall = relayout and t.dim() == 2 and t.shape[0] >= t.shape[1] and "vision" not in ours
                     state[ours] = (t.t().contiguous().t() if tall else t).to(dtype)  # .to keeps the layout
         except (OSError, RuntimeError, ValueError, SafetensorError) as e:  # a missing or truncated shard, a bad header

@@ -25,7 +25,8 @@ METRICS = [("decode_tok_s", "decode, batch 1", "tok/s", "higher", 1.5, "{:.2f}")
            ("batch4_tok_s", "decode throughput, batch 4", "tok/s", "higher", None, "{:.2f}"),
            ("ttft_s", "time to first token (1 image)", "s", "lower", 0.8, "{:.2f}"),
            ("load_s", "load (imports + weights + processor)", "s", "lower", 0.3, "{:.2f}"),
-           ("peak_rss_mb", "peak RSS", "MB", "lower", 0.7, "{:.0f}")]
+           ("peak_rss_mb", "peak RSS", "MB", "lower", 0.7, "{:.0f}"),
+           ("anon_mb", "of it anonymous at the end (not file pages)", "MB", "lower", None, "{:.0f}")]
 
 
 def measure(impl, family, folder, dtype, new_tokens, threads):

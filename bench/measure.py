@@ -4,7 +4,8 @@
 
 Prints one JSON line: load_s (imports + load to a ready model and processor), ttft_s (processor + prefill
 to the first token, one image), decode_tok_s (batch 1), batch4_tok_s (decode throughput at batch 4),
-peak_rss_mb, decode_bytes (bytes read per decoded token: decoder weights and LM head), tokens.
+peak_rss_mb, anon_mb (resident memory that is not file pages, at the end), decode_bytes (bytes read per decoded
+token: decoder weights and LM head), tokens.
 A warm-up generation runs first and is not counted.
 """
 import argparse
@@ -96,6 +97,14 @@ def decode_bytes(model):
     return sum(p.numel() * p.element_size() for p in read)
 
 
+def anonymous_mb():
+    """Resident memory that is not a file's pages (RssAnon). Weights used straight from a safetensors mmap are
+    file pages: the kernel shares them with its page cache and can drop them, so they are not in this number."""
+    status = Path("/proc/self/status")
+    lines = status.read_text().splitlines() if status.exists() else []
+    return next((int(line.split()[1]) / 1024 for line in lines if line.startswith("RssAnon:")), float("nan"))
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("impl", choices=["ours", "hf"])
@@ -118,7 +127,8 @@ def main():
     print(json.dumps({
         "load_s": load_s, "ttft_s": times[0] - t0, "decode_tok_s": (len(times) - 1) / (times[-1] - times[0]),
         "batch4_tok_s": 4 * (len(times4) - 1) / (times4[-1] - times4[0]), "tokens": len(times), "prompt_tokens": prompt,
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "decode_bytes": decode_bytes(model),
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "anon_mb": anonymous_mb(),
+        "decode_bytes": decode_bytes(model),
         "threads": torch.get_num_threads()}))
 
 

@@ -23,7 +23,7 @@ def test_measure_runs_on_a_tiny_checkpoint(tmp_path):
     assert r.returncode == 0, r.stderr
     m = json.loads(r.stdout)
     assert m["tokens"] == 6 and m["decode_tok_s"] > 0 and m["ttft_s"] > 0 and m["peak_rss_mb"] > 0
-    assert m["decode_bytes"] > 0
+    assert m["decode_bytes"] > 0 and 0 < m["anon_mb"] <= m["peak_rss_mb"]
 
 
 @pytest.mark.parametrize("family, variant, tied", [("paligemma", "pg2", True), ("smolvlm", "v1", False),

@@ -114,6 +114,18 @@ def test_load_weights(tmp_path):
     assert common.resolve(str(tmp_path)) == tmp_path  # a local directory is used as it is
 
 
+def test_load_weights_layout(tmp_path, monkeypatch):
+    """fp32 decoder matrices are stored column-major only where bf16 is slow (AVX2-class CPUs, where the GEMV
+    gains from it); the values are the same either way."""
+    w = torch.randn(6, 3)  # tall: (out, in) with out >= in
+    save_file({"a.weight": w}, tmp_path / "model.safetensors")
+    for fast_bf16, stride in ((False, (1, 6)), (True, (3, 1))):
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: fast_bf16)
+        m = common.load_weights(lambda: nn.ModuleDict({"a": nn.Linear(3, 6, bias=False)}), tmp_path, lambda k: k,
+                                device="cpu", dtype=torch.float32)
+        assert torch.equal(m["a"].weight, w) and m["a"].weight.stride() == stride
+
+
 def test_stop_ids_union(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"eos_token_id": 1, "text_config": {"eos_token_id": [1, 107]}}))
     (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [5]}))

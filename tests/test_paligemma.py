@@ -124,13 +124,14 @@ def test_processor_matches_transformers(variant, ours, hf, images):
 # ----------------------------------------------------------------------------- model parity
 
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_logits_match_transformers(variant, ours, hf, images):
+def test_logits_match_transformers(variant, ours, hf, images, record_property):
     model, proc = ours[variant]
     inputs = proc(text=PROMPTS + ["caption es"], images=[[images[0]], [images[1]], [images[2]]])
     with torch.no_grad():
         a = model(**inputs)
         b = hf[variant][0](**hf_inputs(inputs)).logits
     real = inputs["attention_mask"].bool()
+    record_property("max_abs_dlogit", float((a - b)[real].abs().max()))  # in the junit XML (--junitxml)
     assert (a - b)[real].abs().max() <= 1e-4
     # the image must matter: another image moves the logits far beyond the tolerance
     with torch.no_grad():

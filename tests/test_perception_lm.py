@@ -300,7 +300,7 @@ def test_chat_flow_has_one_begin_of_text(variant, ours, hf, images):
 # ----------------------------------------------------------------------------- model parity
 
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_logits_match_transformers(variant, ours, hf, images):
+def test_logits_match_transformers(variant, ours, hf, images, record_property):
     model, proc = ours[variant]
     texts = [chat(proc, q) for q in QUESTIONS]
     inputs = proc(text=texts, images=[[images[0]], [images[1]]])
@@ -310,6 +310,7 @@ def test_logits_match_transformers(variant, ours, hf, images):
         b = hf[variant][0](**hf_inputs(inputs)).logits
         c = model(**proc(text=texts, images=[[images[2]], [images[1]]]))
     real = inputs["attention_mask"].bool()
+    record_property("max_abs_dlogit", float((a - b)[real].abs().max()))  # in the junit XML (--junitxml)
     assert (a - b)[real].abs().max() <= 1e-4
     assert (a - c)[0, -1].abs().max() > 0.1  # the image matters far beyond the tolerance
 

@@ -204,7 +204,7 @@ def test_number_words_match_num2words():
 # ----------------------------------------------------------------------------- model parity
 
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_logits_match_transformers(variant, ours, hf, images):
+def test_logits_match_transformers(variant, ours, hf, images, record_property):
     model, proc = ours[variant]
     case = processor_cases(images)[1]
     inputs = proc(**case)
@@ -212,6 +212,7 @@ def test_logits_match_transformers(variant, ours, hf, images):
         a = model(**inputs)
         b = hf[variant][0](**hf_inputs(inputs)).logits
     real = inputs["attention_mask"].bool()
+    record_property("max_abs_dlogit", float((a - b)[real].abs().max()))  # in the junit XML (--junitxml)
     assert (a - b)[real].abs().max() <= 1e-4
     with torch.no_grad():  # the images must matter: other images move the logits far beyond the tolerance
         c = model(**proc(**dict(case, images=[[images[2], images[1]], [], [images[3]]])))
