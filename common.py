@@ -77,7 +77,8 @@ def attend(q, k, v, mask=None, scale=None, softcap=None):
     # Gemma 2 squashes scores with tanh(s / cap) * cap before the mask (arXiv:2408.00118), which SDPA cannot
     # express, so this path is written out; the softmax runs in fp32 as in the reference.
     B, H, T, D = q.shape
-    s = torch.tanh(q.view(B, k.shape[1], -1, T, D) @ k[:, :, None].transpose(-1, -2) * (scale or D ** -0.5) / softcap) * softcap
+    s = q.view(B, k.shape[1], -1, T, D) @ k[:, :, None].transpose(-1, -2) * (scale or D ** -0.5)  # (B, K, H/K, T, S)
+    s = torch.tanh(s / softcap) * softcap
     if mask is not None:
         s = s.masked_fill(~mask[:, :, None], float("-inf"))
     return (s.softmax(dim=-1, dtype=torch.float32).to(q.dtype) @ v[:, :, None]).view(B, H, T, D)
@@ -298,8 +299,8 @@ def sample(logits, temperature=0.0, top_k=None, top_p=None, generator=None):
         logits = logits.masked_fill(logits < logits.topk(min(top_k, logits.shape[-1])).values[:, -1:], float("-inf"))
     probs = logits.softmax(-1)
     if top_p is not None and top_p < 1:  # nucleus sampling: the smallest set of most likely tokens with mass >= top_p,
-        k = min(1024, probs.shape[-1])  # looked for among the 1024 most likely (all, if those fall short): no full sort
-        p, idx = probs.topk(k if probs.topk(k).values.sum(-1).min() >= top_p else probs.shape[-1])
+        # looked for among the 1024 most likely (all of them, if those fall short of top_p): no full sort
+        p, idx = t if (t := probs.topk(min(1024, probs.shape[-1]))).values.sum(-1).min() >= top_p else probs.topk(probs.shape[-1])
         p[(p.cumsum(-1) - p) > top_p] = 0
         return idx.gather(-1, torch.multinomial(p, 1, generator=generator)).squeeze(-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)

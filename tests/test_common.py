@@ -84,6 +84,10 @@ def test_sampling():
     assert set(draws[:, 0].tolist()) == {1}  # the best token alone already has mass >= 0.5
     draws = torch.stack([common.sample(logits, 1.0, top_p=0.9, generator=g) for _ in range(300)])
     assert set(draws[:, 0].tolist()) == {1, 2}
+    # a big vocabulary whose 1024 most likely tokens hold only 65% of the mass: the nucleus (p = 0.9) is the first
+    # 2164 tokens (the fewest with (1 - exp(-0.001 n)) / (1 - exp(-4.096)) >= 0.9), found past the first 1024
+    draws = common.sample((-0.001 * torch.arange(4096.0)).expand(500, -1), 1.0, top_p=0.9, generator=g)
+    assert draws.max() <= 2163 and (draws >= 1024).any()
 
 
 def test_generate_loop_stops_rows_and_pads():
