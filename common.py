@@ -1,12 +1,17 @@
-"""The pieces paligemma.py, smolvlm.py and perception_lm.py share.
+"""What paligemma.py, smolvlm.py and perception_lm.py share: the functions their modules call and
+the plumbing around the models.
 
-Top to bottom: the one error type, config helpers, RoPE, attention (the mask, the KV cache, the decoder's
-attention and MLP blocks), image and video input, checkpoint resolution and safetensors loading, sampling
-and the generation loop, command-line helpers. The vision encoders and decoders live in
-the model files, so that each file reads as one whole model.
-Shapes: B batch, T new tokens, S keys (cache length so far), H query heads, K key/value heads, D head dim.
+Top to bottom: the error type, config helpers, RoPE, attention (the function, the causal mask, the
+KV cache), the linear layer of the decoders, image and video input, checkpoints (resolution and
+strict loading), tokenizers and chat templates, sampling and the decode loop, command-line helpers.
+Nothing here is model-specific: each model file holds its whole model (vision encoder, projector,
+and the decoder with its own attention module and MLP) and needs only this file.
+
+Shapes: B batch, T new tokens, S keys (cache length so far), H query heads, K key/value heads, D
+head dim.
 """
 import argparse
+import contextlib
 import json
 import math
 import sys
@@ -23,272 +28,503 @@ from PIL import Image, ImageOps
 
 
 class VLMError(Exception):
-    """A problem with the user's input (file, checkpoint, prompt, flag); the CLIs print it as one line."""
+    """A problem with the user's input (file, checkpoint, prompt, flag); the CLIs print it as one
+    line."""
 
 
-# ----------------------------------------------------------------------------- config
+def first_line(error):
+    """The first line of an exception's message (library messages can run to many lines)."""
+    return str(error).partition("\n")[0]
+
+
+# ------------------------------------------------------------ config
 
 def read_json(path):
     try:
         return json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:  # missing, unreadable, not JSON
-        raise VLMError(f"{path} {'not found' if isinstance(e, FileNotFoundError) else f'is not valid JSON ({e})'}") from None
+    except FileNotFoundError:
+        raise VLMError(f"{path} not found") from None
+    except (OSError, ValueError) as e:  # unreadable, or not JSON
+        raise VLMError(f"{path} is not valid JSON ({e})") from None
+
+
+def optional_json(path):
+    """A JSON file a checkpoint may leave out: {} when it is absent."""
+    if not Path(path).exists():
+        return {}
+    return read_json(path)
 
 
 def from_dict(cls, d):
     """A config dataclass from a config.json section, keeping the fields the class knows."""
-    return cls(**{k: v for k, v in (d or {}).items() if k in {f.name for f in fields(cls)}})
+    known = {f.name for f in fields(cls)}
+    return cls(**{key: value for key, value in (d or {}).items() if key in known})
 
 
 def rope_theta(cfg, default=10000.0):
-    """RoPE base from the hub's 4.x form (rope_theta) or the 5.x form (rope_parameters) that transformers 5
-    writes when it saves a config; rope scaling, where a model has it, is read by its own file."""
-    return float((cfg.get("rope_parameters") or {}).get("rope_theta", cfg.get("rope_theta", default)))
+    """RoPE base from the hub's 4.x form (rope_theta) or the 5.x form (rope_parameters) that
+    transformers 5 writes when it saves a config; rope scaling, where a model has it, is read by its
+    own file."""
+    parameters = cfg.get("rope_parameters") or {}
+    return float(parameters.get("rope_theta", cfg.get("rope_theta", default)))
 
 
-# ----------------------------------------------------------------------------- RoPE
+# ------------------------------------------------------------ RoPE
 
 def rope_inv_freq(head_dim, theta):
-    """Rotary embedding frequencies (RoFormer, arXiv:2104.09864). Made on the CPU even while a model is
-    built on the meta device: this buffer is computed, not loaded."""
-    return 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float, device="cpu") / head_dim))
+    """Rotary embedding frequencies theta^(-2i / D) (RoFormer, arXiv:2104.09864). Made on the CPU
+    even while a model is built on the meta device: this buffer is computed, not loaded."""
+    exponents = torch.arange(0, head_dim, 2, dtype=torch.float, device="cpu") / head_dim
+    return 1.0 / (theta ** exponents)
 
 
 def rope_cos_sin(inv_freq, positions, dtype):
-    """positions (B, T) -> cos, sin (B, 1, T, D), computed in fp32 and rounded to the activation dtype."""
-    emb = (positions[..., None].float() * inv_freq.to(positions.device)).repeat(1, 1, 2)  # (B, T, D): [f, f]
-    return emb.cos().to(dtype)[:, None], emb.sin().to(dtype)[:, None]
+    """positions (B, T) -> cos, sin (B, 1, T, D), computed in fp32 and rounded to the activation
+    dtype."""
+    angles = positions[..., None].float() * inv_freq.to(positions.device)  # (B, T, D/2)
+    angles = torch.cat([angles, angles], dim=-1)  # (B, T, D): each angle serves dims i and i + D/2
+    cos = angles.cos().to(dtype)[:, None]  # (B, 1, T, D): the same for every head
+    sin = angles.sin().to(dtype)[:, None]
+    return cos, sin
 
 
 def apply_rope(x, cos, sin):
-    """The half-split layout of the hub checkpoints: dimension i pairs with i + D/2 (`rotate_half`)."""
+    """Rotate each pair (x_i, x_{i+D/2}) by its angle: the half-split layout of the hub checkpoints
+    (transformers' `rotate_half`)."""
     x1, x2 = x.chunk(2, dim=-1)
-    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+    rotated = torch.cat([-x2, x1], dim=-1)
+    return x * cos + rotated * sin
 
 
-# ----------------------------------------------------------------------------- attention
+# ------------------------------------------------------------ attention
 
-def attend(q, k, v, mask=None, scale=None, softcap=None):
-    """q (B, H, T, D), k/v (B, K, S, D), mask bool (B, 1, T, S) with True = may attend, None = all may.
-    Grouped-query attention: each K/V head serves H/K query heads without being copied."""
-    if softcap is None:  # CAUSAL: SDPA's own causal kernel, about twice as fast on CPU as the same explicit mask
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=None if mask is CAUSAL else mask, scale=scale,
-                                              is_causal=mask is CAUSAL, enable_gqa=q.shape[1] != k.shape[1])
-    # Gemma 2 squashes scores with tanh(s / cap) * cap before the mask (arXiv:2408.00118), which SDPA cannot
-    # express, so this path is written out; the softmax runs in fp32 as in the reference.
-    B, H, T, D = q.shape
-    s = q.view(B, k.shape[1], -1, T, D) @ k[:, :, None].transpose(-1, -2) * (scale or D ** -0.5)  # (B, K, H/K, T, S)
-    s = torch.tanh(s / softcap) * softcap
-    if mask is not None:
-        s = s.masked_fill(~mask[:, :, None], float("-inf"))
-    return (s.softmax(dim=-1, dtype=torch.float32).to(q.dtype) @ v[:, :, None]).view(B, H, T, D)
+CAUSAL = "causal"  # a mask: causal with no padding, which SDPA runs with its own causal kernel
 
 
-CAUSAL = "causal"
+def attend(q, k, v, mask=None, scale=None):
+    """Scaled dot-product attention (arXiv:1706.03762): q (B, H, T, D), k, v (B, K, S, D) -> (B, H,
+    T, D). mask: bool (B, 1, T, S), True = may attend; None: every key; CAUSAL: SDPA's causal
+    kernel, about twice as fast on a CPU as the same explicit mask. scale None: 1/sqrt(D).
+    Grouped-query attention: each key/value head serves H/K query heads without being copied."""
+    is_causal = mask is CAUSAL
+    if is_causal:
+        mask = None
+    grouped = q.shape[1] != k.shape[1]
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, is_causal=is_causal,
+                                          enable_gqa=grouped)
 
 
 def make_mask(keys, T):
-    """Causal mask (B, 1, T, S) for the last T of S positions, `keys` (B, S) marking real (non-pad) tokens;
-    None when nothing is masked and CAUSAL for a plain causal prefill (SDPA's fast paths)."""
-    S = keys.shape[1]
-    if T in (1, S) and bool(keys.all()):
-        return CAUSAL if T > 1 else None
-    q, k = torch.arange(S - T, S, device=keys.device)[:, None], torch.arange(S, device=keys.device)[None]
-    return ((k <= q) & keys[:, None, :] | (k == q))[:, None]  # pads are never keys; a pad query sees itself (no NaN)
+    """Causal mask (B, 1, T, S) for the last T of S positions; `keys` (B, S) marks the real
+    (non-pad) tokens. None when nothing is masked, CAUSAL for a causal prefill without pads (SDPA's
+    fast paths)."""
+    B, S = keys.shape
+    if bool(keys.all()) and T == 1:
+        return None  # one new token sees every key
+    if bool(keys.all()) and T == S:
+        return CAUSAL
+    query_pos = torch.arange(S - T, S, device=keys.device)[:, None]  # (T, 1)
+    key_pos = torch.arange(S, device=keys.device)[None]  # (1, S)
+    mask = (key_pos <= query_pos) & keys[:, None, :]  # (B, T, S): causal, and pads are never keys
+    mask = mask | (key_pos == query_pos)  # a pad query sees itself, so no row is empty (no NaN)
+    return mask[:, None]  # (B, 1, T, S)
 
 
 class KVCache:
-    """Keys and values of every layer, allocated once for prompt + new tokens and written in place."""
+    """Keys and values of every layer, allocated once for prompt + new tokens and written in
+    place."""
 
     def __init__(self, n_layers, batch, n_kv_heads, max_len, head_dim, dtype, device):
-        self.k = torch.zeros(n_layers, batch, n_kv_heads, max_len, head_dim, dtype=dtype, device=device)
-        self.v, self.len = torch.zeros_like(self.k), 0  # len: filled positions, advanced by the model
+        shape = (n_layers, batch, n_kv_heads, max_len, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.len = 0  # filled positions; the model advances it after each forward pass
 
-    def update(self, layer, k, v):  # k, v (B, K, T, D) -> all keys and values so far (B, K, S, D)
-        end = self.len + k.shape[2]
-        self.k[layer, :, :, self.len:end], self.v[layer, :, :, self.len:end] = k, v
+    def update(self, layer, k, v):
+        """Store k, v (B, K, T, D) after the filled positions -> all keys and values so far (B, K,
+        S, D)."""
+        start = self.len
+        end = start + k.shape[2]
+        self.k[layer, :, :, start:end] = k
+        self.v[layer, :, :, start:end] = v
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
 
 
-def linear(x, w):
-    """x @ w.T for the decoders. In bf16 on a CPU, a decode step (a few rows of x) is faster as w @ x: the
-    matrix-vector kernel streams the weights at ~1.2-1.5x the rate of the matrix-matrix one (bench/)."""
-    if x.dtype != torch.bfloat16 or x.device.type != "cpu" or (rows := x.numel() // x.shape[-1]) > 32:
-        return F.linear(x, w)
-    y = w @ (x.reshape(-1) if rows == 1 else x.reshape(rows, -1).t())  # (out,) or (out, rows)
-    return y.t().contiguous().view(*x.shape[:-1], -1)
+def next_token_loss(logits, labels):
+    """Training loss: the mean cross-entropy of each position's prediction of the next token, over
+    the labels that are not -100 (transformers' ForCausalLMLoss: fp32 logits, labels shifted by
+    one)."""
+    predictions = logits[:, :-1].float().flatten(0, 1)  # (B * (T-1), V)
+    targets = labels[:, 1:].flatten().to(predictions.device)  # (B * (T-1),)
+    return F.cross_entropy(predictions, targets, ignore_index=-100)
 
 
-class SelfAttention(nn.Module):
-    """Decoder attention of Gemma and Llama: q/k/v/o projections, RoPE, the cache, Gemma 2's soft-cap."""
-
-    def __init__(self, idx, dim, n_heads, n_kv_heads, head_dim, scale=None, softcap=None):
-        super().__init__()
-        self.idx, self.H, self.K, self.D, self.scale, self.softcap = idx, n_heads, n_kv_heads, head_dim, scale, softcap
-        self.q_proj, self.o_proj = nn.Linear(dim, n_heads * head_dim, bias=False), nn.Linear(n_heads * head_dim, dim, bias=False)
-        self.k_proj, self.v_proj = (nn.Linear(dim, n_kv_heads * head_dim, bias=False) for _ in range(2))
-
-    def forward(self, x, cos, sin, mask, cache=None):
-        B, T, _ = x.shape
-        q = apply_rope(linear(x, self.q_proj.weight).view(B, T, self.H, self.D).transpose(1, 2), cos, sin)  # (B, H, T, D)
-        k = apply_rope(linear(x, self.k_proj.weight).view(B, T, self.K, self.D).transpose(1, 2), cos, sin)  # (B, K, T, D)
-        v = linear(x, self.v_proj.weight).view(B, T, self.K, self.D).transpose(1, 2)
-        k, v = cache.update(self.idx, k, v) if cache is not None else (k, v)  # (B, K, S, D): all keys so far
-        y = attend(q, k, v, mask, self.scale, self.softcap)  # scale None: SDPA's 1/sqrt(D)
-        return linear(y.transpose(1, 2).reshape(B, T, self.H * self.D), self.o_proj.weight)
+def check_context(prompt_len, max_new_tokens, context, hint=""):
+    if prompt_len + max_new_tokens > context:
+        raise VLMError(f"the prompt ({prompt_len} tokens) plus --max-new-tokens ({max_new_tokens}) "
+                       f"exceed the model's context of {context} tokens{hint}")
 
 
-class GatedMLP(nn.Module):
-    """down(act(gate(x)) * up(x)): GeGLU with tanh GELU in Gemma, SwiGLU in Llama (arXiv:2002.05202)."""
+# ------------------------------------------------------------ the decoders' linear layer
 
-    def __init__(self, dim, hidden, act):
-        super().__init__()
-        self.act, self.down_proj = act, nn.Linear(hidden, dim, bias=False)
-        self.gate_proj, self.up_proj = nn.Linear(dim, hidden, bias=False), nn.Linear(dim, hidden, bias=False)
+class Linear(nn.Linear):
+    """nn.Linear with a CPU fast path for decoding. In bf16 on a CPU, a decode step (a few rows of
+    x) runs faster as w @ x than as x @ w.T: the matrix-vector kernel streams the weights at
+    ~1.2-1.5x the rate of the matrix-matrix one (bench/). The decoders build every projection from
+    this class, so a variant (quantized weights, say) can replace these modules without touching a
+    model's forward code."""
 
     def forward(self, x):
-        return linear(self.act(linear(x, self.gate_proj.weight)) * linear(x, self.up_proj.weight), self.down_proj.weight)
+        rows = x.numel() // x.shape[-1]
+        fast = x.dtype == torch.bfloat16 and x.device.type == "cpu" and self.bias is None
+        if not fast or rows > 32:
+            return F.linear(x, self.weight, self.bias)
+        if rows == 1:
+            y = self.weight @ x.reshape(-1)  # (out,): the matrix-vector kernel
+        else:
+            y = self.weight @ x.reshape(rows, -1).t()  # (out, rows)
+        return y.t().contiguous().view(*x.shape[:-1], -1)  # (..., out)
 
 
-# ----------------------------------------------------------------------------- images and video
+# ------------------------------------------------------------ images and video
 
 def open_image(path):
-    """Open an image file and apply its EXIF orientation (phones store photos sideways); any mode."""
+    """Open an image file and apply its EXIF orientation (phones store photos sideways); any
+    mode."""
     try:
         with Image.open(path) as img:
-            return ImageOps.exif_transpose(img)  # (a loaded copy, upright)
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:  # missing, a directory, truncated,
-        # not an image, or a huge declared size (a "decompression bomb")
-        raise VLMError(f"image {path} cannot be read ({getattr(e, 'strerror', None) or e})") from None
+            return ImageOps.exif_transpose(img)  # a loaded copy, upright
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        # missing, a directory, truncated, not an image, or a huge declared size (a "decompression
+        # bomb")
+        why = getattr(e, "strerror", None) or e
+        raise VLMError(f"image {path} cannot be read ({why})") from None
+
+
+def to_rgb(img):
+    """Any PIL mode -> RGB, transparency composited on white as transformers' convert_to_rgb
+    does."""
+    has_alpha = "A" in img.getbands() or img.info.get("transparency") is not None
+    if not has_alpha:
+        return img.convert("RGB")
+    white = Image.new("RGBA", img.size, "white")
+    return Image.alpha_composite(white, img.convert("RGBA")).convert("RGB")
 
 
 def image_tensor(img):
-    """A PIL image, an (H, W, 3) uint8 array or a path -> uint8 tensor (3, H, W). Any PIL mode becomes RGB, with
-    transparency composited on white as transformers' convert_to_rgb does."""
-    img = open_image(img) if isinstance(img, (str, Path)) else img
+    """A PIL image, an (H, W, 3) uint8 array or a path -> uint8 tensor (3, H, W)."""
+    if isinstance(img, (str, Path)):
+        img = open_image(img)
     if hasattr(img, "convert") and img.mode != "RGB":
-        alpha = "A" in img.getbands() or img.info.get("transparency") is not None
-        img = (Image.alpha_composite(Image.new("RGBA", img.size, "white"), img.convert("RGBA")) if alpha else img).convert("RGB")
-    if (x := torch.from_numpy(np.array(img, dtype=np.uint8))).dim() != 3 or x.shape[2] != 3 or 0 in x.shape:
-        raise VLMError(f"an image must be (H, W, 3) pixels with H, W > 0, got shape {tuple(x.shape)}")  # empty, or not RGB
+        img = to_rgb(img)
+    x = torch.from_numpy(np.array(img, dtype=np.uint8))
+    if x.dim() != 3 or x.shape[2] != 3 or 0 in x.shape:  # empty, or not RGB
+        shape = tuple(x.shape)
+        raise VLMError(f"an image must be (H, W, 3) pixels with H, W > 0, got shape {shape}")
     return x.permute(2, 0, 1)
 
 
 def resize(x, size, mode):
-    """uint8 (N, 3, H, W) resized with antialiasing on the integers, as transformers' torchvision backend
-    does on CPU: bit-exact with it, with no torchvision at run time."""
+    """uint8 (N, 3, H, W) resized with antialiasing on the integers, as transformers' torchvision
+    backend does on CPU: bit-exact with it, with no torchvision at run time."""
     return F.interpolate(x, size=size, mode=mode, antialias=True, align_corners=False)
 
 
-def normalize(x):  # uint8 -> float32 in [-1, 1], i.e. rescale by 1/255 then mean = std = 0.5
+def normalize(x):
+    """uint8 -> float32 in [-1, 1]: rescale by 1/255, then mean = std = 0.5 (all three families)."""
     return (x.float() - 127.5) / 127.5
 
 
 def read_video(path, pick):
-    """Decode a video with PyAV, keeping only the frames `pick(total_frames, fps)` selects (a long video is
-    never held in memory whole) -> uint8 (N, 3, H, W) and the metadata transformers derives."""
+    """Decode a video with PyAV, keeping only the frames `pick(total_frames, fps)` selects (a long
+    video is never held in memory whole) -> uint8 (N, 3, H, W) and the metadata transformers
+    derives."""
     import av
     try:
-        with av.open(str(path)) as c:
-            if not c.streams.video:  # an audio file, or an mp4 cut before its index (stored last)
+        with av.open(str(path)) as container:
+            # no video stream: an audio file, or an mp4 cut before its index (stored last)
+            if not container.streams.video:
                 raise VLMError(f"video {path} has no video stream")
-            s = c.streams.video[0]
-            fps = float(s.average_rate or 0) or 24.0
-            total = s.frames or int((c.duration or 0) / 1e6 * fps)
-            idx = [int(i) for i in pick(total, fps)]
-            # decoding stops after the last index; only the picked frames are converted to pixels
-            got = {i: f.to_ndarray(format="rgb24") for i, f in zip(range(max(idx, default=-1) + 1), c.decode(s)) if i in idx}
-    except (av.error.FFmpegError, OSError, ValueError) as e:  # missing, a directory, truncated, not a video
-        raise VLMError(f"video {path} cannot be read ({getattr(e, 'strerror', None) or e})") from None
-    if not got or len(got) < len(idx):  # nothing decodable, or the file ends early: cut short, or damaged
-        raise VLMError(f"video {path} " + (f"is truncated or damaged: only {len(got)} of the {len(idx)} frames picked could be decoded" if got else "has no decodable frames"))
-    frames = torch.from_numpy(np.stack([got[i] for i in idx])).permute(0, 3, 1, 2)
-    return frames, {"total_num_frames": total, "fps": fps, "duration": total / fps, "frames_indices": idx}
+            stream = container.streams.video[0]
+            fps = float(stream.average_rate or 0) or 24.0
+            total = stream.frames or int((container.duration or 0) / 1e6 * fps)
+            wanted = [int(i) for i in pick(total, fps)]
+            frames = decode_frames(container, stream, wanted)
+    except (av.error.FFmpegError, OSError, ValueError) as e:  # missing, truncated, not a video
+        why = getattr(e, "strerror", None) or e
+        raise VLMError(f"video {path} cannot be read ({why})") from None
+    if not frames:
+        raise VLMError(f"video {path} has no decodable frames")
+    if len(frames) < len(wanted):  # the file ends early: cut short, or damaged
+        raise VLMError(f"video {path} is truncated or damaged: only {len(frames)} of the "
+                       f"{len(wanted)} frames picked could be decoded")
+    pixels = torch.from_numpy(np.stack([frames[i] for i in wanted])).permute(0, 3, 1, 2)
+    meta = {"total_num_frames": total, "fps": fps, "duration": total / fps,
+            "frames_indices": wanted}
+    return pixels, meta
 
 
-# ----------------------------------------------------------------------------- checkpoints
+def decode_frames(container, stream, wanted):
+    """{index: (H, W, 3) uint8} for the wanted frame indices. Decoding stops at the last one wanted,
+    and only the wanted frames are converted to pixels."""
+    frames = {}
+    if not wanted:
+        return frames
+    last = max(wanted)
+    for index, frame in enumerate(container.decode(stream)):
+        if index in wanted:
+            frames[index] = frame.to_ndarray(format="rgb24")
+        if index >= last:
+            break
+    return frames
+
+
+# ------------------------------------------------------------ checkpoints
 
 def resolve(model):
-    """A local checkpoint directory, or a hub repo id fetched by huggingface_hub into its usual cache (so a
-    checkpoint transformers downloaded is reused, and HF_HUB_OFFLINE=1 works)."""
-    if Path(model).expanduser().is_dir():
-        return Path(model).expanduser()
-    if Path(model).exists() or model.startswith((".", "/", "~")) or model.count("/") != 1:
+    """A local checkpoint directory, or a hub repo id fetched by huggingface_hub into its usual
+    cache (so a checkpoint transformers downloaded is reused, and HF_HUB_OFFLINE=1 works)."""
+    path = Path(model).expanduser()
+    if path.is_dir():
+        return path
+    if path.exists() or model.startswith((".", "/", "~")) or model.count("/") != 1:
         raise VLMError(f"{model} is not a checkpoint directory nor a hub repo id (org/name)")
-    from huggingface_hub import errors as E, snapshot_download
-    try:  # weights only as safetensors: pickle (*.bin) files are never fetched, never read
-        return Path(snapshot_download(model, allow_patterns=["*.json", "*.safetensors", "*.jinja"]))
-    except (E.HfHubHTTPError, OSError) as e:
-        why = {E.GatedRepoError: f"is gated: accept its licence at https://huggingface.co/{model}, then `hf auth login`",
-               E.RepositoryNotFoundError: "was not found on the Hugging Face Hub (private repos need a login)",
-               E.LocalEntryNotFoundError: "is not cached and the Hub cannot be reached (HF_HUB_OFFLINE is set, or no network)"}
-        raise VLMError(f"{model} " + next((w for t, w in why.items() if isinstance(e, t)),  # gated before not-found:
-                                          f"cannot be downloaded: {str(e).splitlines()[0]}")) from None  # a subclass
+    # weights only as safetensors: pickle (*.bin) files are never fetched, never read
+    return download(model, ["*.json", "*.safetensors", "*.jinja"])
 
 
-def load_weights(make, folder, rename, device=None, dtype=None):
-    """Build `make()` on the meta device (no memory, no random init) and read the safetensors shards of
-    `folder` into it, with one strict check: every tensor maps to a parameter (`rename` gives its name, or
-    None to skip it), every parameter is found, every shape matches; an error names the key. The default
-    dtype is bf16 (half the bytes to read; the checkpoints' own) where matrix products are fast in it: CUDA,
-    and CPUs with AVX512-BF16/AMX. Elsewhere fp32: on an AVX2-only CPU a bf16 matrix product runs ~5x slower
-    than fp32 (bench/), and image prompts are matrix products."""
-    from safetensors import SafetensorError, safe_open
-    try:  # an unknown device name, or a GPU that is not there (a torch built without CUDA raises AssertionError)
-        device = torch.empty(0, device=device or ("cuda" if torch.cuda.is_available() else "cpu")).device
+def download(repo_id, patterns, repo_type="model"):
+    """The files of a hub repo matching `patterns`, fetched into (or found in) the hub cache -> the
+    folder."""
+    from huggingface_hub import errors, snapshot_download
+    try:
+        folder = snapshot_download(repo_id, repo_type=repo_type, allow_patterns=patterns)
+        return Path(folder)
+    except errors.GatedRepoError:  # (before RepositoryNotFoundError: it is a subclass)
+        page = f"https://huggingface.co/{repo_id}"
+        why = f"is gated: accept its licence at {page}, then `hf auth login`"
+    except errors.RepositoryNotFoundError:
+        why = "was not found on the Hugging Face Hub (private repos need a login)"
+    except errors.LocalEntryNotFoundError:
+        why = "is not cached and the Hub cannot be reached (HF_HUB_OFFLINE is set, or no network)"
+    except (errors.HfHubHTTPError, OSError) as e:
+        why = f"cannot be downloaded: {first_line(e)}"
+    raise VLMError(f"{repo_id} {why}")
+
+
+def fast_bf16(device):
+    """Whether bf16 matrix products are fast here: on CUDA, and on CPUs with AVX512-BF16 or AMX."""
+    if device.type == "cuda":
+        return True
+    return getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)()
+
+
+def choose_device_and_dtype(device=None, dtype=None):
+    """-> (torch.device, torch.dtype). The device defaults to CUDA when there is one. The dtype
+    defaults to bf16 (half the bytes to read; the checkpoints' own) where matrix products are fast
+    in it, else fp32: on an AVX2-only CPU a bf16 matrix product runs ~5x slower than fp32 (bench/),
+    and image prompts are matrix products."""
+    if not device:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    # an unknown device name, or a GPU that is not there (torch without CUDA raises AssertionError)
+    try:
+        device = torch.empty(0, device=device).device
     except (RuntimeError, AssertionError) as e:
-        raise VLMError(f"device {device} cannot be used ({str(e).splitlines()[0]})") from None
-    fast_bf16 = device.type == "cuda" or getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)()
-    dtype = getattr(torch, dtype, dtype) if isinstance(dtype, str) else dtype or (torch.bfloat16 if fast_bf16 else torch.float32)
+        raise VLMError(f"device {device} cannot be used ({first_line(e)})") from None
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype, dtype)
+    if dtype is None:
+        dtype = torch.bfloat16 if fast_bf16(device) else torch.float32
     if dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise VLMError(f"unknown dtype {dtype} (use float32, bfloat16 or float16)")
-    relayout = device.type == "cpu" and dtype == torch.float32 and not fast_bf16  # (see below)
-    index = Path(folder) / "model.safetensors.index.json"
-    files = sorted(set(read_json(index)["weight_map"].values())) if index.exists() else ["model.safetensors"]
-    if not index.exists() and not (Path(folder) / files[0]).exists():
-        raise VLMError(f"no model.safetensors in {folder}" + (" (its *.bin pickle weights are never loaded, for safety)"
-                                                              if list(Path(folder).glob("*.bin")) else ""))
-    reset, nn.Embedding.reset_parameters = nn.Embedding.reset_parameters, lambda self: None
-    try:  # (random init of an embedding on the meta device would import torch._dynamo: ~2 s for nothing)
-        with torch.device("meta"):
-            model = make()
+    return device, dtype
+
+
+def skip_init(module):
+    pass
+
+
+@contextlib.contextmanager
+def no_embedding_init():
+    """nn.Embedding's random initialisation, even on the meta device, imports torch._dynamo (~2 s
+    spent for nothing, since every weight is then loaded): switched off while a model is built."""
+    original = nn.Embedding.reset_parameters
+    nn.Embedding.reset_parameters = skip_init
+    try:
+        yield
     finally:
-        nn.Embedding.reset_parameters = reset
-    expected, state = model.state_dict(), {}
-    for name in files:
+        nn.Embedding.reset_parameters = original
+
+
+def tied_parameters(model):
+    """{name: the name it shares its parameter with} for weights a model uses twice (a tied output
+    head)."""
+    first_name = {}
+    tied = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        if id(param) in first_name:
+            tied[name] = first_name[id(param)]
+        else:
+            first_name[id(param)] = name
+    return tied
+
+
+def checkpoint_files(folder):
+    """The safetensors shards named by model.safetensors.index.json, or the one
+    model.safetensors."""
+    index = Path(folder) / "model.safetensors.index.json"
+    if index.exists():
+        return sorted(set(read_json(index)["weight_map"].values()))
+    if not (Path(folder) / "model.safetensors").exists():
+        note = ""
+        if list(Path(folder).glob("*.bin")):
+            note = " (its *.bin pickle weights are never loaded, for safety)"
+        raise VLMError(f"no model.safetensors in {folder}{note}")
+    return ["model.safetensors"]
+
+
+def read_checkpoint(folder, rename, expected, device, convert):
+    """Every tensor of the checkpoint -> {our name: tensor}, with one strict check: each tensor maps
+    to a parameter (`rename` gives its name, or None to skip it), each parameter is found, each
+    shape matches; an error names the key. `expected` is {name: shape}; `convert(name, tensor)` runs
+    on each as it is read."""
+    from safetensors import SafetensorError, safe_open
+    state = {}
+    for file_name in checkpoint_files(folder):
+        path = Path(folder) / file_name
         try:
-            for key in safe_open(Path(folder) / name, framework="pt").keys():
-                if (ours := rename(key)) is None:
+            with safe_open(path, framework="pt") as f:
+                keys = list(f.keys())
+            for key in keys:
+                name = rename(key)
+                if name is None:
                     continue
-                if ours not in expected:
-                    raise VLMError(f"unexpected tensor {key} in {name}: not a weight of this model")
-                with safe_open(Path(folder) / name, framework="pt", device=str(device)) as f:  # one open per tensor:
-                    if (shape := tuple(f.get_slice(key).get_shape())) != expected[ours].shape:  # the file pages a
-                        raise VLMError(f"tensor {key} has shape {shape}, expected {tuple(expected[ours].shape)}")
-                    t = f.get_tensor(key)  # converted tensor came from are released at once
-                    # On AVX2-only CPUs, MKL's fp32 matrix-vector product (a decode step) reads a tall matrix up to 2x
-                    # faster stored column-major (bench/); on AVX-512 ones it gains ~3% and would triple the load time
-                    # (a transposing copy). The vision towers only multiply matrices, so they keep their layout.
-                    tall = relayout and t.dim() == 2 and t.shape[0] >= t.shape[1] and "vision" not in ours
-                    state[ours] = (t.t().contiguous().t() if tall else t).to(dtype)  # .to keeps the layout
-        except (OSError, RuntimeError, ValueError, SafetensorError) as e:  # a missing or truncated shard, a bad header
-            raise VLMError(f"cannot read weights {Path(folder) / name}: {str(e).splitlines()[0]}") from None
-    if missing := [k for k in expected if k not in state]:
-        raise VLMError(f"weight {missing[0]} is missing from {folder} ({len(missing)} missing in all)")
+                if name not in expected:
+                    raise VLMError(f"unexpected tensor {key} in {file_name}: not a weight of this "
+                                   "model")
+                # one open per tensor: the file pages a converted tensor came from are released at
+                # once
+                with safe_open(path, framework="pt", device=str(device)) as f:
+                    shape = tuple(f.get_slice(key).get_shape())
+                    if shape != tuple(expected[name]):
+                        wanted = tuple(expected[name])
+                        raise VLMError(f"tensor {key} has shape {shape}, expected {wanted}")
+                    state[name] = convert(name, f.get_tensor(key))
+        except (OSError, RuntimeError, ValueError, SafetensorError) as e:  # a missing or cut shard
+            raise VLMError(f"cannot read weights {path}: {first_line(e)}") from None
+    missing = [name for name in expected if name not in state]
+    if missing:
+        raise VLMError(f"weight {missing[0]} is missing from {folder} "
+                       f"({len(missing)} missing in all)")
+    return state
+
+
+def load_weights(make, folder, rename, device=None, dtype=None, transform=None):
+    """`make()` with the weights of the checkpoint in `folder`, in four steps: choose the device and
+    dtype; build the model on the meta device (no memory, no random init); read the shards with the
+    strict check of read_checkpoint, converting each tensor as it is read; put the tensors in place,
+    tying the weights the model shares. `transform(name, tensor)`, if given, is one more per-tensor
+    step after the conversion."""
+    device, dtype = choose_device_and_dtype(device, dtype)
+    with torch.device("meta"), no_embedding_init():
+        model = make()
+    tied = tied_parameters(model)
+    expected = {name: t.shape for name, t in model.state_dict().items() if name not in tied}
+    # On AVX2-only CPUs, MKL's fp32 matrix-vector product (a decode step) reads a tall matrix up to
+    # 2x faster stored column-major (bench/); on AVX-512 ones it gains ~3% and would triple the load
+    # time (a transposing copy). The vision towers only multiply matrices, so they keep their
+    # layout.
+    relayout = device.type == "cpu" and dtype == torch.float32 and not fast_bf16(device)
+
+    def convert(name, tensor):
+        tall = tensor.dim() == 2 and tensor.shape[0] >= tensor.shape[1]
+        if relayout and tall and "vision" not in name:
+            tensor = tensor.t().contiguous().t()  # column-major; .to() keeps the layout
+        tensor = tensor.to(dtype)
+        if transform is not None:
+            tensor = transform(name, tensor)
+        return tensor
+
+    state = read_checkpoint(folder, rename, expected, device, convert)
+    for name, source in tied.items():
+        state[name] = state[source]
     model.load_state_dict(state, strict=True, assign=True)
+    for name, source in tied.items():  # assign=True made two parameters of one tensor: one again
+        module_name, _, attribute = name.rpartition(".")
+        setattr(model.get_submodule(module_name), attribute, model.get_parameter(source))
     return model.to(device).eval()
 
 
 def stop_ids(folder, *extra):
-    """The union of the end ids in config.json (and its text_config), generation_config.json and `extra`."""
-    config, gen = read_json(Path(folder) / "config.json"), Path(folder) / "generation_config.json"
+    """The union of the end ids in config.json (and its text_config), generation_config.json and
+    `extra`."""
+    config = read_json(Path(folder) / "config.json")
+    generation = optional_json(Path(folder) / "generation_config.json")
     ids = {i for i in extra if i is not None}
-    for e in (c.get("eos_token_id") for c in (config, config.get("text_config") or {}, read_json(gen) if gen.exists() else {})):
-        ids.update(e if isinstance(e, list) else [] if e is None else [e])
+    for section in (config, config.get("text_config") or {}, generation):
+        eos = section.get("eos_token_id")
+        if isinstance(eos, list):
+            ids.update(eos)
+        elif eos is not None:
+            ids.add(eos)
     return sorted(ids)
 
 
-# ----------------------------------------------------------------------------- sampling and generation
+# ------------------------------------------------------------ text
+
+def open_tokenizer(folder):
+    from tokenizers import Tokenizer
+    path = Path(folder) / "tokenizer.json"
+    try:
+        return Tokenizer.from_file(str(path))
+    except Exception as e:  # tokenizers raises a bare Exception for a missing or malformed file
+        raise VLMError(f"{path} cannot be read ({e})") from None
+
+
+def token_text(value):
+    """A special token as tokenizer_config.json stores it: a string, or a saved AddedToken dict."""
+    if isinstance(value, dict):
+        return value["content"]
+    return str(value)
+
+
+def left_pad(rows, value):
+    """Lists of ints -> a (len(rows), longest) tensor, each row padded on the left with `value`:
+    batches are left-padded, so that every row ends where generation starts."""
+    longest = max(len(row) for row in rows)
+    return torch.tensor([[value] * (longest - len(row)) + row for row in rows])
+
+
+def decode_ids(tokenizer, ids, stop):
+    """Text of generated ids up to the first end token (any id in `stop`), special tokens
+    skipped."""
+    ids = [int(i) for i in ids]
+    ends = [position for position, i in enumerate(ids) if i in stop]
+    if ends:
+        ids = ids[:ends[0]]
+    return tokenizer.decode(ids, skip_special_tokens=True)
+
+
+def render_template(template, messages, **variables):
+    """A checkpoint's own chat template rendered by Jinja in a sandbox, with transformers' settings,
+    so the string is the one transformers renders."""
+    from jinja2.exceptions import TemplateError
+    from jinja2.ext import loopcontrols
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(message):  # templates call this to refuse a conversation they cannot render
+        raise TemplateError(message)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                        extensions=[loopcontrols])
+    env.globals["raise_exception"] = raise_exception
+    try:
+        return env.from_string(template).render(messages=messages, **variables)
+    except TemplateError as e:
+        raise VLMError(f"chat template: {e}") from None
+
+
+# ------------------------------------------------------------ sampling and generation
 
 def sample(logits, temperature=0.0, top_k=None, top_p=None, generator=None):
     """logits (B, V) -> token ids (B,); temperature 0 is greedy."""
@@ -296,93 +532,148 @@ def sample(logits, temperature=0.0, top_k=None, top_p=None, generator=None):
         return logits.argmax(-1)
     logits = logits.float() / temperature
     if top_k is not None:
-        logits = logits.masked_fill(logits < logits.topk(min(top_k, logits.shape[-1])).values[:, -1:], float("-inf"))
+        kth_best = logits.topk(min(top_k, logits.shape[-1])).values[:, -1:]  # (B, 1)
+        logits = logits.masked_fill(logits < kth_best, float("-inf"))
     probs = logits.softmax(-1)
-    if top_p is not None and top_p < 1:  # nucleus sampling: the smallest set of most likely tokens with mass >= top_p,
-        # looked for among the 1024 most likely (all of them, if those fall short of top_p): no full sort
-        p, idx = t if (t := probs.topk(min(1024, probs.shape[-1]))).values.sum(-1).min() >= top_p else probs.topk(probs.shape[-1])
-        p[(p.cumsum(-1) - p) > top_p] = 0
-        return idx.gather(-1, torch.multinomial(p, 1, generator=generator)).squeeze(-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    if top_p is None or top_p >= 1:
+        return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    return sample_nucleus(probs, top_p, generator)
+
+
+def sample_nucleus(probs, top_p, generator):
+    """Nucleus sampling (arXiv:1904.09751): draw from the smallest set of most likely tokens whose
+    mass is at least top_p. The set is looked for among the 1024 most likely tokens, with no sort of
+    the whole vocabulary; only when those fall short of top_p (in some row) are all tokens
+    sorted."""
+    best = probs.topk(min(1024, probs.shape[-1]))
+    if best.values.sum(-1).min() < top_p:
+        best = probs.topk(probs.shape[-1])
+    p, ids = best  # (B, n) each, most likely first
+    mass_before = p.cumsum(-1) - p
+    p = p.masked_fill(mass_before > top_p, 0.0)  # a token stays while those before it hold <= top_p
+    choice = torch.multinomial(p, 1, generator=generator)  # (B, 1): a position in `ids`
+    return ids.gather(-1, choice).squeeze(-1)
 
 
 def check_args(max_new_tokens, temperature, top_k, top_p, prompt=""):
-    """Run by generate() and, before the slow load, by the CLIs: the same message either way. (A command line
-    with bytes that are not UTF-8 reaches Python as lone surrogates, which no tokenizer accepts.)"""
-    for bad, message in ((max_new_tokens <= 0, f"max-new-tokens must be positive, got {max_new_tokens}"),
-                         (any("\ud800" <= c <= "\udfff" for c in prompt), "the prompt is not valid UTF-8 text"),
-                         (not 0 <= temperature < math.inf, f"temperature must be >= 0, got {temperature}"),
-                         (top_k is not None and top_k <= 0, f"top-k must be positive, got {top_k}"),
-                         (top_p is not None and not 0 < top_p <= 1, f"top-p must be in (0, 1], got {top_p}")):
-        if bad:
-            raise VLMError(message)
+    """Run by generate() and, before the slow load, by the CLIs: the same message either way. (A
+    command line with bytes that are not UTF-8 reaches Python as lone surrogates, which no tokenizer
+    accepts.)"""
+    if max_new_tokens <= 0:
+        raise VLMError(f"max-new-tokens must be positive, got {max_new_tokens}")
+    if any("\ud800" <= c <= "\udfff" for c in prompt):
+        raise VLMError("the prompt is not valid UTF-8 text")
+    if not 0 <= temperature < math.inf:
+        raise VLMError(f"temperature must be >= 0, got {temperature}")
+    if top_k is not None and top_k <= 0:
+        raise VLMError(f"top-k must be positive, got {top_k}")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise VLMError(f"top-p must be in (0, 1], got {top_p}")
 
 
 @torch.inference_mode()
-def generate(step, logits, max_new_tokens, stop, pad_id, temperature=0.0, top_k=None, top_p=None, seed=None, stream=None):
+def generate(step, logits, max_new_tokens, stop, pad_id, temperature=0.0, top_k=None, top_p=None,
+             seed=None, stream=None):
     """The decode loop of all three models. `logits` (B, V) come from the prefill's last position;
-    `step(tokens (B,))` runs one cached decode step and returns the next (B, V). A row stops at any id in
-    `stop` and is padded with `pad_id` after. `stream` gets each new (B,) batch. Returns new ids (B, n)."""
+    `step(tokens (B,))` runs one cached decode step and returns the next (B, V). A row stops at any
+    id in `stop` and is padded with `pad_id` after. `stream` gets each new (B,) batch. Returns new
+    ids (B, n)."""
     check_args(max_new_tokens, temperature, top_k, top_p)
-    gen = torch.Generator(logits.device).manual_seed(seed) if seed is not None else None
-    stop, done, out = torch.tensor(stop, device=logits.device), torch.zeros(len(logits), dtype=torch.bool, device=logits.device), []
+    device = logits.device
+    generator = None
+    if seed is not None:
+        generator = torch.Generator(device).manual_seed(seed)
+    stop = torch.tensor(stop, device=device)
+    done = torch.zeros(len(logits), dtype=torch.bool, device=device)
+    new_ids = []
     for i in range(max_new_tokens):
         if not torch.isfinite(logits).all():
-            raise VLMError("the model produced non-finite logits: a float16 overflow (use --dtype bfloat16 or float32) or corrupted weights")
-        tok = sample(logits, temperature, top_k, top_p, gen).masked_fill(done, pad_id)
-        out.append(tok)
+            raise VLMError("the model produced non-finite logits: a float16 overflow (use --dtype "
+                           "bfloat16 or float32) or corrupted weights")
+        token = sample(logits, temperature, top_k, top_p, generator)
+        token = token.masked_fill(done, pad_id)  # a finished row gets padding
+        new_ids.append(token)
         if stream is not None:
-            stream(tok)
-        done |= torch.isin(tok, stop)
+            stream(token)
+        done = done | torch.isin(token, stop)
         if done.all() or i == max_new_tokens - 1:
-            return torch.stack(out, 1)
-        logits = step(tok)
+            break
+        logits = step(token)
+    return torch.stack(new_ids, 1)
 
 
 class Streamer:
-    """Prints row 0 of the new ids as text as it comes: decode all so far, print what is new, but hold back
-    a trailing partial UTF-8 character (byte-fallback tokens) until it is whole. Records token times."""
+    """Prints row 0 of the new ids as text as it comes: decode all so far, print what is new, but
+    hold back a trailing partial UTF-8 character (byte-fallback tokens) until it is whole. Records
+    token times."""
 
     def __init__(self, decode):
-        self.decode, self.ids, self.shown, self.times = decode, [], 0, [time.perf_counter()]
+        self.decode = decode
+        self.ids = []
+        self.shown = 0  # characters printed so far
+        self.times = [time.perf_counter()]
 
-    def __call__(self, tok=None):  # no token: the end, print the rest and a newline
-        if tok is not None:
+    def __call__(self, token=None):  # no token: the end, print the rest and a newline
+        if token is not None:
             self.times.append(time.perf_counter())
-            self.ids.append(int(tok[0]))
+            self.ids.append(int(token[0]))
         text = self.decode(self.ids)
-        if tok is None or not text.endswith("\ufffd"):
-            print(text[self.shown:], end="" if tok is not None else "\n", flush=True)
+        if token is None:
+            print(text[self.shown:], flush=True)
+        elif not text.endswith("\ufffd"):
+            print(text[self.shown:], end="", flush=True)
             self.shown = len(text)
 
-    def report(self, t_load):
-        t, n = self.times, len(self.times) - 1
-        rate = (n - 1) / (t[-1] - t[1]) if n > 1 else float("nan")  # the tokens after the first, over their time
-        print(f"load {t_load:.2f} s, prefill {t[1] - t[0]:.2f} s (to the first token), decode {rate:.1f} tokens/s ({n} tokens)", file=sys.stderr)
+    def report(self, load_seconds):
+        times = self.times
+        n = len(times) - 1
+        rate = float("nan")
+        if n > 1:
+            rate = (n - 1) / (times[-1] - times[1])  # the tokens after the first, over their time
+        prefill = times[1] - times[0]
+        print(f"load {load_seconds:.2f} s, prefill {prefill:.2f} s (to the first token), "
+              f"decode {rate:.1f} tokens/s ({n} tokens)", file=sys.stderr)
 
 
-# ----------------------------------------------------------------------------- command line
+# ------------------------------------------------------------ command line
 
 def cli_parser(description, default_model):
     p = argparse.ArgumentParser(description=description)
-    p.add_argument("--model", default=default_model, help=f"hub repo id or local directory (default {default_model})")
-    p.add_argument("--image", action="append", default=[], help="an image file (repeat for several)")
+    p.add_argument("--model", default=default_model, help="hub repo id or local dir (%(default)s)")
+    p.add_argument("--image", action="append", default=[], help="an image file (repeat for more)")
     p.add_argument("--prompt", default="", help="the text prompt")
-    p.add_argument("--max-new-tokens", type=int, default=100, help="at most this many new tokens (default 100)")
+    p.add_argument("--max-new-tokens", type=int, default=100, help="at most this many (100)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (the default)")
-    p.add_argument("--top-k", type=int, default=None, help="sample only from the k most likely tokens")
-    p.add_argument("--top-p", type=float, default=None, help="sample only from the smallest set with this mass")
+    p.add_argument("--top-k", type=int, default=None, help="sample from the k most likely tokens")
+    p.add_argument("--top-p", type=float, default=None, help="sample from the most likely mass p")
     p.add_argument("--seed", type=int, default=None, help="seed for sampling")
-    p.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: bfloat16 on CUDA and on CPUs with AVX512-BF16 or AMX, else float32)")
+    p.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: bfloat16 "
+                   "on CUDA and on CPUs with AVX512-BF16 or AMX, else float32)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    p.add_argument("--verbose", action="store_true", help="print timings (load, prefill, tokens/s) to stderr")
+    p.add_argument("--verbose", action="store_true", help="timings (load, prefill, tokens/s)")
     return p
 
 
+def stream_answer(model, processor, inputs, args, load_seconds):
+    """Generate an answer for one prompt, printing its text to stdout as it comes (timings to stderr
+    with --verbose) -> the new ids (1, n)."""
+    device = next(model.parameters()).device
+    inputs = {name: value.to(device) for name, value in inputs.items()}
+    printer = Streamer(processor.decode)
+    new_ids = model.generate(**inputs, max_new_tokens=args.max_new_tokens,
+                             temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                             seed=args.seed, stream=printer)
+    printer()  # the rest of the text, and a newline
+    if args.verbose:
+        printer.report(load_seconds)
+    return new_ids
+
+
 def run_cli(main):
-    """Our errors become `error: <one line>` and exit code 1; any other exception is a bug and keeps its
-    traceback. PIL's warning about a big image (89-179 megapixels) is silenced: such an image is read (as
-    transformers reads it), a bigger one refused, and either way stderr holds at most our one line."""
+    """Our errors become `error: <one line>` and exit code 1; any other exception is a bug and keeps
+    its traceback. PIL's warning about a big image (89-179 megapixels) is silenced: such an image is
+    read (as transformers reads it), a bigger one refused, and either way stderr holds at most our
+    one line."""
     warnings.simplefilter("ignore", Image.DecompressionBombWarning)
     try:
         main()

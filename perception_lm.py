@@ -1,21 +1,26 @@
-"""PerceptionLM 1B/3B/8B in one file of plain PyTorch, loading the Hugging Face Hub checkpoints as they are.
+"""PerceptionLM 1B/3B/8B in one file of plain PyTorch, loading the Hugging Face Hub checkpoints as
+they are.
 
-PerceptionLM (PLM, arXiv:2504.13180) reads an image as a 448x448 thumbnail plus up to 36 448x448 tiles of
-the image stretched onto the biggest tile grid it fits (a video as one 448x448 tile per frame, 32 frames).
-Each tile goes through a Perception Encoder ViT (PE, arXiv:2504.13181: absolute and 2D rotary position
-embeddings, layer scale), a two-layer MLP and a 2x2 average pooling: 256 tokens per tile. These fill the
-<|image|> / <|video|> positions of a Llama 3 decoder's input. Read top to bottom: config, vision tower,
-projector, decoder, the full model, preprocessing, loading, command line.
+PerceptionLM (PLM, arXiv:2504.13180) reads an image as a 448x448 thumbnail plus up to 36 448x448
+tiles of the image stretched onto the biggest tile grid it fits (a video as one 448x448 tile per
+frame, 32 frames). Each tile goes through a Perception Encoder ViT (PE, arXiv:2504.13181: absolute
+and 2D rotary position embeddings, layer scale), a two-layer MLP and a 2x2 average pooling: 256
+tokens per tile. These fill the <|image|> / <|video|> positions of a Llama 3 decoder's input. Read
+top to bottom: config, vision tower, projector, decoder, the full model (with generation),
+preprocessing, loading, command line.
 
     python perception_lm.py --image cat.jpg --prompt "Describe the image."
     python perception_lm.py --video clip.mp4 --prompt "What happens in this video?"
 
-Shapes: N tiles (or frames), P patches per tile, Dv vision width, B batch, T tokens, S keys, Dt text width.
+Shapes: N tiles (or frames), P patches per tile, L tokens per tile ([1 +] P: the class token where
+there is one), Dv vision width, B batch, T new tokens, S keys (cached and new), H (query) heads, K
+key/value heads, D head dim, Dt text width, V vocabulary.
 """
 import math
 import re
 import time
 from dataclasses import dataclass, fields
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -23,9 +28,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import (GatedMLP, KVCache, SelfAttention, Streamer, VLMError, attend, check_args, cli_parser,
-                    from_dict, generate, image_tensor, linear, load_weights, make_mask, normalize, open_image, read_json,
-                    read_video, resize, resolve, rope_cos_sin, rope_inv_freq, rope_theta, run_cli, stop_ids)
+from common import (KVCache, Linear, VLMError, apply_rope, attend, check_args, check_context,
+                    cli_parser, decode_ids, from_dict, generate, image_tensor, left_pad,
+                    load_weights, make_mask, normalize, open_image, open_tokenizer, optional_json,
+                    read_json, read_video, render_template, resize, resolve, rope_cos_sin,
+                    rope_inv_freq, rope_theta, run_cli, stop_ids, stream_answer, token_text)
 
 DEFAULT_MODEL = "facebook/Perception-LM-1B"
 
@@ -33,7 +40,7 @@ DEFAULT_MODEL = "facebook/Perception-LM-1B"
 # ----------------------------------------------------------------------------- config
 
 @dataclass
-class VisionConfig:  # timm Eva arguments; defaults shared by both PE architectures, PE_ARCHS has the rest
+class VisionConfig:  # timm Eva arguments; the defaults both PE architectures share
     img_size: int | list = 448
     patch_size: int = 14
     embed_dim: int = 1024
@@ -42,18 +49,22 @@ class VisionConfig:  # timm Eva arguments; defaults shared by both PE architectu
     mlp_ratio: float = 4.0
     class_token: bool = True
     init_values: float | None = None  # layer scale (gamma_1, gamma_2) when set; PLM sets 0.1
-    use_post_transformer_norm: bool = True  # timm's default with attention pooling; PLM turns it off
+    use_post_transformer_norm: bool = True  # timm's default (attention pooling); PLM turns it off
     rope_grid_offset: float = 0.0
-    ref_feat_shape: int | list | None = None  # RoPE coordinates are rescaled so the grid spans this shape
+    ref_feat_shape: int | list | None = None  # RoPE coordinates rescaled to span this grid
     global_pool: str = "map"  # accepted, unused: PLM reads every patch, never a pooled output
 
 
-# The config names a timm architecture and overrides some of its arguments in `model_args`; the rest are
-# timm's defaults for it (timm/models/eva.py; img_size from its pretrained_cfg, since fixed_input_size).
+# The config names a timm architecture and overrides some of its arguments in `model_args`; the rest
+# are timm's defaults for it (timm/models/eva.py; img_size from its pretrained_cfg, since
+# fixed_input_size).
 PE_ARCHS = {
-    "vit_pe_core_large_patch14_336": dict(img_size=336, ref_feat_shape=(24, 24), rope_grid_offset=1.0),  # 1B, 3B
-    "vit_pe_core_gigantic_patch14_448": dict(embed_dim=1536, depth=50, mlp_ratio=8960 / 1536, class_token=False,
-                                             ref_feat_shape=(32, 32)),  # 8B
+    # PLM 1B and 3B
+    "vit_pe_core_large_patch14_336": dict(img_size=336, ref_feat_shape=(24, 24),
+                                          rope_grid_offset=1.0),
+    # PLM 8B
+    "vit_pe_core_gigantic_patch14_448": dict(embed_dim=1536, depth=50, mlp_ratio=8960 / 1536,
+                                             class_token=False, ref_feat_shape=(32, 32)),
 }
 
 
@@ -91,186 +102,304 @@ class Config:
     def from_folder(folder):
         c = read_json(folder / "config.json")
         if c.get("model_type") != "perception_lm":
-            raise VLMError(f"{folder} holds a {c.get('model_type', 'unknown')!r} checkpoint, not PerceptionLM")
-        v, t = c.get("vision_config") or {}, c.get("text_config") or {}
-        if v.get("architecture") not in PE_ARCHS:
-            raise VLMError(f"unsupported PerceptionLM vision tower {v.get('architecture')!r} (expected one of {list(PE_ARCHS)})")
-        args = v.get("model_args") or {}
-        if unknown := sorted(set(args) - {f.name for f in fields(VisionConfig)}):
-            raise VLMError(f"unsupported Perception Encoder option(s) {unknown} in vision_config.model_args")
-        text = from_dict(TextConfig, {**t, "rope_theta": rope_theta(t),  # 4.x rope_scaling or 5.x rope_parameters
-                                      "rope_scaling": t.get("rope_parameters") or t.get("rope_scaling")})
-        cfg = from_dict(Config, {**c, "vision": from_dict(VisionConfig, {**PE_ARCHS[v["architecture"]], **args}), "text": text})
+            raise VLMError(f"{folder} holds a {c.get('model_type', 'unknown')!r} checkpoint, "
+                           "not PerceptionLM")
+        vision = c.get("vision_config") or {}
+        text = c.get("text_config") or {}
+        architecture = vision.get("architecture")
+        if architecture not in PE_ARCHS:
+            raise VLMError(f"unsupported PerceptionLM vision tower {architecture!r} "
+                           f"(expected one of {list(PE_ARCHS)})")
+        model_args = vision.get("model_args") or {}
+        unknown = sorted(set(model_args) - {f.name for f in fields(VisionConfig)})
+        if unknown:
+            raise VLMError(f"unsupported Perception Encoder option(s) {unknown} "
+                           "in vision_config.model_args")
+        vision_config = from_dict(VisionConfig, {**PE_ARCHS[architecture], **model_args})
+        # the hub files (4.x) say rope_scaling; one saved by transformers 5 says rope_parameters
+        rope_scaling = text.get("rope_parameters") or text.get("rope_scaling")
+        text_fields = {**text, "rope_theta": rope_theta(text), "rope_scaling": rope_scaling}
+        text_config = from_dict(TextConfig, text_fields)
+        cfg = from_dict(Config, {**c, "vision": vision_config, "text": text_config})
         if cfg.tie_word_embeddings is None:
-            cfg.tie_word_embeddings = text.tie_word_embeddings
-        llama3_inv_freq(text)  # an unsupported rope scaling fails here, before the weights are read
+            cfg.tie_word_embeddings = text_config.tie_word_embeddings
+        llama3_inv_freq(text_config)  # an unsupported rope scaling fails here, before the weights
         return cfg
 
 
-# ----------------------------------------------------------------------------- vision tower: Perception Encoder
+# ----------------------------------------------------------------------------- vision tower
+# Perception Encoder (arXiv:2504.13181) as timm's Eva runs it; checkpoint keys
+# `model.vision_tower.timm_model.*`.
 
 def pair(v):
     return tuple(v) if isinstance(v, (list, tuple)) else (v, v)
 
 
 def pe_rope(c):
-    """cos, sin (P, head_dim) of PE's 2D RoPE for the patch grid, as timm's RotaryEmbeddingCat builds them:
-    head_dim / 4 frequencies f_i = 10000^(-i / (head_dim / 4)); a patch at (row, col) gets the angles
-    [x * f, y * f] with x = col, y = row counted from `rope_grid_offset` (1 when a class token sits at 0, as
-    in PE) and rescaled so the grid spans `ref_feat_shape`; each angle rotates one pair of channels."""
-    (h, w), hd = (s // c.patch_size for s in pair(c.img_size)), c.embed_dim // c.num_heads
-    bands = 1.0 / 10000.0 ** (torch.arange(hd // 4, device="cpu").float() / (hd // 4))
-    x = torch.arange(w, device="cpu").float() + c.rope_grid_offset
-    y = torch.arange(h, device="cpu").float() + c.rope_grid_offset
+    """cos, sin (P, head_dim) of PE's 2D RoPE for the patch grid, as timm's RotaryEmbeddingCat
+    builds them: head_dim / 4 frequencies f_i = 10000^(-i / (head_dim / 4)); a patch at (row, col)
+    gets the angles [x * f, y * f] with x = col, y = row counted from `rope_grid_offset` (1 when a
+    class token sits at 0, as in PE) and rescaled so the grid spans `ref_feat_shape`; each angle
+    rotates one pair of channels."""
+    image_h, image_w = pair(c.img_size)
+    grid_h = image_h // c.patch_size
+    grid_w = image_w // c.patch_size
+    head_dim = c.embed_dim // c.num_heads
+    n_bands = head_dim // 4  # a quarter each for x and y, each angle used by two channels
+    bands = 1.0 / 10000.0 ** (torch.arange(n_bands, device="cpu").float() / n_bands)
+    x = torch.arange(grid_w, device="cpu").float() + c.rope_grid_offset
+    y = torch.arange(grid_h, device="cpu").float() + c.rope_grid_offset
     if c.ref_feat_shape is not None:
         ref_h, ref_w = pair(c.ref_feat_shape)
-        x, y = x / w * ref_w, y / h * ref_h
-    ys, xs = torch.meshgrid(y, x, indexing="ij")  # (h, w): patches in row-major order
-    angles = torch.cat([xs[..., None] * bands, ys[..., None] * bands], -1).flatten(0, 1)  # (P, hd / 2)
-    angles = angles.repeat_interleave(2, -1)  # [a0, a0, a1, a1, ...]: the interleaved layout
+        x = x / grid_w * ref_w
+        y = y / grid_h * ref_h
+    ys, xs = torch.meshgrid(y, x, indexing="ij")  # (grid_h, grid_w): patches in row-major order
+    x_angles = xs[..., None] * bands  # (grid_h, grid_w, head_dim / 4)
+    y_angles = ys[..., None] * bands
+    angles = torch.cat([x_angles, y_angles], -1).flatten(0, 1)  # (P, head_dim / 2)
+    angles = angles.repeat_interleave(2, -1)  # (P, head_dim): [a0, a0, a1, a1, ...], interleaved
     return angles.cos(), angles.sin()
 
 
 def rope_2d(x, cos, sin):
-    """Rotate channel pairs (x0, x1), (x2, x3), ...: the interleaved layout of PE and timm, unlike the
-    decoder's half-split one. fp32 cos/sin, the result rounded back to x's dtype."""
+    """Rotate channel pairs (x0, x1), (x2, x3), ...: the interleaved layout of PE and timm, unlike
+    the decoder's half-split one. fp32 cos/sin, the result rounded back to x's dtype."""
     rotated = torch.stack([-x[..., 1::2], x[..., ::2]], -1).flatten(-2)  # [-x1, x0, -x3, x2, ...]
     return (x * cos + rotated * sin).to(x.dtype)
 
 
 class PEAttention(nn.Module):
-    """Self-attention over all tokens with a fused qkv projection; RoPE on the patch tokens only (the class
-    token, first when present, keeps angle 0)."""
+    """Self-attention over all tokens of a tile with a fused qkv projection; RoPE on the patch
+    tokens only (the class token, first when present, keeps angle 0)."""
 
     def __init__(self, dim, n_heads, n_prefix):
         super().__init__()
-        self.H, self.n_prefix = n_heads, n_prefix
-        self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+        self.n_heads = n_heads
+        self.head_dim = dim // n_heads
+        self.n_prefix = n_prefix  # tokens before the patches: 1 with a class token, else 0
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x, cos, sin):
+    def rotate_patches(self, x, cos, sin):  # (N, H, L, D): RoPE on the patches, not the prefix
+        prefix = x[:, :, :self.n_prefix]
+        patches = rope_2d(x[:, :, self.n_prefix:], cos, sin)
+        return torch.cat([prefix, patches], dim=2)
+
+    def forward(self, x, cos, sin):  # (N, L, Dv) -> (N, L, Dv)
         N, L, C = x.shape
-        q, k, v = self.qkv(x).view(N, L, 3, self.H, C // self.H).permute(2, 0, 3, 1, 4)  # each (N, H, L, hd)
-        p = self.n_prefix
-        q, k = (torch.cat([t[:, :, :p], rope_2d(t[:, :, p:], cos, sin)], dim=2) for t in (q, k))
-        return self.proj(attend(q, k, v).transpose(1, 2).reshape(N, L, C))
+        qkv = self.qkv(x).view(N, L, 3, self.n_heads, self.head_dim)  # (N, L, 3, H, D)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)  # each (N, H, L, D)
+        q = self.rotate_patches(q, cos, sin)
+        k = self.rotate_patches(k, cos, sin)
+        y = attend(q, k, v)  # (N, H, L, D)
+        y = y.transpose(1, 2).reshape(N, L, C)  # (N, L, Dv)
+        return self.proj(y)
 
 
 class PEMlp(nn.Module):
     def __init__(self, dim, hidden):
         super().__init__()
-        self.fc1, self.fc2 = nn.Linear(dim, hidden), nn.Linear(hidden, dim)
+        self.fc1 = nn.Linear(dim, hidden)
+        self.fc2 = nn.Linear(hidden, dim)
 
     def forward(self, x):
         return self.fc2(F.gelu(self.fc1(x)))  # exact (erf) GELU
 
 
 class PEBlock(nn.Module):
-    """A pre-LayerNorm ViT block whose two branches are scaled per channel (LayerScale, arXiv:2103.17239)."""
+    """A pre-LayerNorm ViT block whose two branches are scaled per channel (LayerScale,
+    arXiv:2103.17239) when the config sets init_values (PLM does)."""
 
     def __init__(self, c, n_prefix):
         super().__init__()
-        d = c.embed_dim
-        self.norm1, self.norm2 = nn.LayerNorm(d), nn.LayerNorm(d)  # eps 1e-5, as PE's
-        self.attn = PEAttention(d, c.num_heads, n_prefix)
-        self.mlp = PEMlp(d, int(d * c.mlp_ratio))  # timm's int(): 8960 for the 8B's 1536 x 8960/1536
+        dim = c.embed_dim
+        self.norm1 = nn.LayerNorm(dim)  # eps 1e-5, as PE's
+        self.attn = PEAttention(dim, c.num_heads, n_prefix)
+        self.norm2 = nn.LayerNorm(dim)
+        # timm's int(): 8960 for the 8B's 1536 x 8960/1536
+        self.mlp = PEMlp(dim, int(dim * c.mlp_ratio))
         scaled = c.init_values is not None
-        self.gamma_1, self.gamma_2 = (nn.Parameter(torch.ones(d)) if scaled else None for _ in range(2))
+        self.gamma_1 = nn.Parameter(torch.ones(dim)) if scaled else None
+        self.gamma_2 = nn.Parameter(torch.ones(dim)) if scaled else None
 
     def forward(self, x, cos, sin):
-        a = self.attn(self.norm1(x), cos, sin)
-        x = x + (a if self.gamma_1 is None else self.gamma_1 * a)
-        m = self.mlp(self.norm2(x))
-        return x + (m if self.gamma_2 is None else self.gamma_2 * m)
+        attended = self.attn(self.norm1(x), cos, sin)
+        if self.gamma_1 is not None:
+            attended = self.gamma_1 * attended
+        x = x + attended
+        transformed = self.mlp(self.norm2(x))
+        if self.gamma_2 is not None:
+            transformed = self.gamma_2 * transformed
+        return x + transformed
 
 
 class PerceptionEncoder(nn.Module):
-    """Checkpoint keys `model.vision_tower.timm_model.*` (timm's Eva names). No pooling: PLM reads every
-    patch of the last block."""
+    """The PE tower with timm's Eva names. No pooling: PLM reads every patch of the last block."""
 
     def __init__(self, c):
         super().__init__()
-        n_prefix, (h, w), d = int(c.class_token), (s // c.patch_size for s in pair(c.img_size)), c.embed_dim
+        n_prefix = int(c.class_token)
+        image_h, image_w = pair(c.img_size)
+        n_patches = (image_h // c.patch_size) * (image_w // c.patch_size)
+        dim = c.embed_dim
         self.patch_embed = nn.Module()
-        self.patch_embed.proj = nn.Conv2d(3, d, c.patch_size, stride=c.patch_size, bias=False)  # norm_pre follows
-        self.cls_token = nn.Parameter(torch.zeros(1, 1, d)) if c.class_token else None
-        self.pos_embed = nn.Parameter(torch.zeros(1, n_prefix + h * w, d))  # the class token has one too
-        self.norm_pre = nn.LayerNorm(d)
+        # no bias: norm_pre follows
+        self.patch_embed.proj = nn.Conv2d(3, dim, c.patch_size, stride=c.patch_size, bias=False)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, dim)) if c.class_token else None
+        # the class token has a position embedding too
+        self.pos_embed = nn.Parameter(torch.zeros(1, n_prefix + n_patches, dim))
+        self.norm_pre = nn.LayerNorm(dim)
         self.blocks = nn.ModuleList(PEBlock(c, n_prefix) for _ in range(c.depth))
-        self.norm = nn.LayerNorm(d) if c.use_post_transformer_norm else nn.Identity()
+        self.norm = nn.LayerNorm(dim) if c.use_post_transformer_norm else nn.Identity()
         cos, sin = pe_rope(c)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
 
-    def forward(self, pixels):  # (N, 3, S, S) -> (N, [1 +] P, Dv)
-        x = self.patch_embed.proj(pixels.to(self.pos_embed.dtype)).flatten(2).transpose(1, 2)  # row-major
+    def forward(self, pixels):  # (N, 3, S, S) -> (N, L, Dv)
+        x = pixels.to(self.pos_embed.dtype)
+        x = self.patch_embed.proj(x)  # (N, Dv, S / 14, S / 14)
+        x = x.flatten(2).transpose(1, 2)  # (N, P, Dv): patches in row-major order
         if self.cls_token is not None:
-            x = torch.cat([self.cls_token.expand(len(x), -1, -1), x], dim=1)
+            cls = self.cls_token.expand(len(x), -1, -1)  # (N, 1, Dv)
+            x = torch.cat([cls, x], dim=1)  # (N, 1 + P, Dv)
         x = self.norm_pre(x + self.pos_embed)
         for block in self.blocks:
             x = block(x, self.rope_cos, self.rope_sin)
         return self.norm(x)
 
 
+# ----------------------------------------------------------------------------- projector
+
 class Projector(nn.Module):
     """linear_1 -> exact GELU -> linear_2 on every patch, then average pooling of the patch grid by
-    `pool` (2: 32x32 -> 16x16 = 256 tokens per tile). Adaptive pooling, as transformers does: an odd grid
-    (5x5 -> 2x2) averages overlapping windows ([0, 3) and [2, 5) along each side)."""
+    `pool` (2: 32x32 -> 16x16 = 256 tokens per tile). Adaptive pooling, as transformers does: an odd
+    grid (5x5 -> 2x2) averages overlapping windows ([0, 3) and [2, 5) along each side)."""
 
     def __init__(self, vision_dim, text_dim, pool):
         super().__init__()
         self.pool = pool
-        self.linear_1, self.linear_2 = nn.Linear(vision_dim, text_dim), nn.Linear(text_dim, text_dim)
+        self.linear_1 = nn.Linear(vision_dim, text_dim)
+        self.linear_2 = nn.Linear(text_dim, text_dim)
 
     def forward(self, x):  # (N, P, Dv) -> (N, P / pool^2, Dt)
-        x = self.linear_2(F.gelu(self.linear_1(x)))
+        x = self.linear_1(x)  # (N, P, Dt)
+        x = F.gelu(x)  # exact (erf) GELU
+        x = self.linear_2(x)
         if self.pool > 1:
             N, P, C = x.shape
             side = math.isqrt(P)
-            x = F.adaptive_avg_pool2d(x.transpose(1, 2).reshape(N, C, side, side), side // self.pool)
-            x = x.flatten(2).transpose(1, 2)
+            x = x.transpose(1, 2).reshape(N, C, side, side)  # (N, Dt, side, side): the patch grid
+            x = F.adaptive_avg_pool2d(x, side // self.pool)  # (N, Dt, side / pool, side / pool)
+            x = x.flatten(2).transpose(1, 2)  # (N, P / pool^2, Dt)
         return x
 
 
 # ----------------------------------------------------------------------------- decoder: Llama 3
+# The Llama 3 decoder (arXiv:2407.21783); checkpoint keys `model.language_model.*`.
 
 def llama3_inv_freq(c):
-    """RoPE frequencies of the text config, with Llama 3.1's frequency scaling when `rope_scaling` says
-    llama3 (PLM 1B/3B: factor 32): wavelengths longer than original_max / low_freq_factor are stretched by
-    `factor`, those shorter than original_max / high_freq_factor kept, the band between interpolated
-    (transformers' _compute_llama3_parameters is the oracle; same float32 operations)."""
-    inv = rope_inv_freq(c.head_dim, c.rope_theta)
-    s = c.rope_scaling or {}
-    kind = s.get("rope_type", s.get("type", "default"))
-    if kind == "default":
-        return inv
-    if kind != "llama3":
-        raise VLMError(f"unsupported rope scaling {kind!r} in text_config (PerceptionLM uses llama3 or none)")
-    keys = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
-    factor, low, high, orig = (s[k] for k in keys)
-    wavelen = 2 * math.pi / inv
-    inv_long = torch.where(wavelen > orig / low, inv / factor, inv)
-    smooth = (orig / wavelen - low) / (high - low)
-    between = (wavelen >= orig / high) & (wavelen <= orig / low)
-    return torch.where(between, (1 - smooth) * inv_long / factor + smooth * inv_long, inv_long)
+    """RoPE frequencies of the text config, with Llama 3.1's frequency scaling when `rope_scaling`
+    says llama3 (PLM 1B/3B). Each frequency's wavelength is measured against the original context:
+    long waves are slowed down by `factor`, short ones kept, the band between interpolated.
+    transformers' _compute_llama3_parameters is the oracle (the same float32 operations)."""
+    inv_freq = rope_inv_freq(c.head_dim, c.rope_theta)
+    scaling = c.rope_scaling or {}
+    rope_type = scaling.get("rope_type", scaling.get("type", "default"))
+    if rope_type == "default":
+        return inv_freq
+    if rope_type != "llama3":
+        raise VLMError(f"unsupported rope scaling {rope_type!r} in text_config "
+                       "(PerceptionLM uses llama3 or none)")
+    factor = scaling["factor"]
+    low_freq_factor = scaling["low_freq_factor"]
+    high_freq_factor = scaling["high_freq_factor"]
+    original_max_positions = scaling["original_max_position_embeddings"]
+    low_freq_wavelen = original_max_positions / low_freq_factor
+    high_freq_wavelen = original_max_positions / high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    # low frequencies (waves longer than low_freq_wavelen): slowed down by `factor`, so positions
+    # beyond the original context get angles the model has seen
+    scaled = torch.where(wavelen > low_freq_wavelen, inv_freq / factor, inv_freq)
+    # high frequencies (waves shorter than high_freq_wavelen): kept, they resolve nearby positions
+    # medium frequencies (between the two): a linear blend of slowed and kept, by wavelength
+    periods = original_max_positions / wavelen  # how often each wave turns in the original context
+    # 0 at the low-frequency edge, 1 at the high-frequency one
+    smooth = (periods - low_freq_factor) / (high_freq_factor - low_freq_factor)
+    blended = (1 - smooth) * scaled / factor + smooth * scaled
+    is_medium = (wavelen >= high_freq_wavelen) & (wavelen <= low_freq_wavelen)
+    return torch.where(is_medium, blended, scaled)
 
 
 class LlamaRMSNorm(nn.Module):
     def __init__(self, dim, eps):
         super().__init__()
-        self.eps, self.weight = eps, nn.Parameter(torch.ones(dim))
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):  # normalise in fp32, round back, then scale (Llama's order)
-        xf = x.float()
-        return self.weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
+        x_fp32 = x.float()
+        mean_square = x_fp32.pow(2).mean(-1, keepdim=True)
+        normalized = x_fp32 * torch.rsqrt(mean_square + self.eps)
+        return self.weight * normalized.to(x.dtype)
+
+
+class LlamaAttention(nn.Module):
+    """Grouped-query self-attention (GQA, arXiv:2305.13245): K key/value heads each serve H / K
+    query heads (PLM 1B: 32 query heads, 8 key/value heads). RoPE on queries and keys, then the keys
+    and values join the cache of this layer."""
+
+    def __init__(self, layer_index, c):
+        super().__init__()
+        self.layer_index = layer_index  # this layer's slot in the KV cache
+        self.n_heads = c.num_attention_heads
+        self.n_kv_heads = c.num_key_value_heads
+        self.head_dim = c.head_dim
+        self.q_proj = Linear(c.hidden_size, self.n_heads * self.head_dim, bias=False)
+        self.k_proj = Linear(c.hidden_size, self.n_kv_heads * self.head_dim, bias=False)
+        self.v_proj = Linear(c.hidden_size, self.n_kv_heads * self.head_dim, bias=False)
+        self.o_proj = Linear(self.n_heads * self.head_dim, c.hidden_size, bias=False)
+
+    def forward(self, x, cos, sin, mask, cache):  # (B, T, Dt) -> (B, T, Dt)
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim)  # (B, T, H, D)
+        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim)  # (B, T, K, D)
+        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim)
+        q = q.transpose(1, 2)  # (B, H, T, D)
+        k = k.transpose(1, 2)  # (B, K, T, D)
+        v = v.transpose(1, 2)
+        q = apply_rope(q, cos, sin)
+        k = apply_rope(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(self.layer_index, k, v)  # (B, K, S, D): every key so far
+        y = attend(q, k, v, mask)  # (B, H, T, D)
+        y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # (B, T, H * D)
+        return self.o_proj(y)
+
+
+class LlamaMLP(nn.Module):
+    """SwiGLU (arXiv:2002.05202): down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, dim, hidden):
+        super().__init__()
+        self.gate_proj = Linear(dim, hidden, bias=False)
+        self.up_proj = Linear(dim, hidden, bias=False)
+        self.down_proj = Linear(hidden, dim, bias=False)
+
+    def forward(self, x):  # (B, T, Dt) -> (B, T, Dt)
+        gate = F.silu(self.gate_proj(x))  # (B, T, intermediate)
+        up = self.up_proj(x)
+        return self.down_proj(gate * up)
 
 
 class LlamaLayer(nn.Module):
-    def __init__(self, i, c):
+    """Pre-norm: attention, then the MLP, each added to the residual stream."""
+
+    def __init__(self, layer_index, c):
         super().__init__()
         self.input_layernorm = LlamaRMSNorm(c.hidden_size, c.rms_norm_eps)
-        self.self_attn = SelfAttention(i, c.hidden_size, c.num_attention_heads, c.num_key_value_heads, c.head_dim)
+        self.self_attn = LlamaAttention(layer_index, c)
         self.post_attention_layernorm = LlamaRMSNorm(c.hidden_size, c.rms_norm_eps)
-        self.mlp = GatedMLP(c.hidden_size, c.intermediate_size, F.silu)
+        self.mlp = LlamaMLP(c.hidden_size, c.intermediate_size)
 
     def forward(self, x, cos, sin, mask, cache):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
@@ -278,8 +407,6 @@ class LlamaLayer(nn.Module):
 
 
 class Llama(nn.Module):
-    """The Llama 3 decoder (arXiv:2407.21783); checkpoint keys `model.language_model.*`."""
-
     def __init__(self, c):
         super().__init__()
         self.embed_tokens = nn.Embedding(c.vocab_size, c.hidden_size)
@@ -288,7 +415,7 @@ class Llama(nn.Module):
         self.register_buffer("inv_freq", llama3_inv_freq(c), persistent=False)
 
     def forward(self, x, positions, mask, cache=None):  # x (B, T, Dt) embeddings, positions (B, T)
-        cos, sin = rope_cos_sin(self.inv_freq, positions, x.dtype)
+        cos, sin = rope_cos_sin(self.inv_freq, positions, x.dtype)  # (B, 1, T, D) each
         for layer in self.layers:
             x = layer(x, cos, sin, mask, cache)
         return self.norm(x)
@@ -300,233 +427,349 @@ class PerceptionLM(nn.Module):
     def __init__(self, cfg):
         super().__init__()
         self.cfg = cfg
+        text = cfg.text
         self.vision_tower = PerceptionEncoder(cfg.vision)
-        self.multi_modal_projector = Projector(cfg.vision.embed_dim, cfg.text.hidden_size, cfg.projector_pooling_ratio)
-        self.language_model = Llama(cfg.text)
-        self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.text.hidden_size, cfg.text.vocab_size, bias=False)
-        self.stop, self.pad_id = [], 0  # set from the checkpoint by load()
+        self.multi_modal_projector = Projector(cfg.vision.embed_dim, text.hidden_size,
+                                               cfg.projector_pooling_ratio)
+        self.language_model = Llama(text)
+        self.lm_head = Linear(text.hidden_size, text.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:  # PLM 1B and 3B: the output head is the token embedding
+            self.lm_head.weight = self.language_model.embed_tokens.weight
+        self.stop = []  # end token ids, set from the checkpoint by load()
+        self.pad_id = 0
 
     def visual_features(self, pixels):  # tiles or frames (..., 3, S, S) -> (N, tokens per tile, Dt)
-        """One tile at a time (1025 tokens: matrix products big enough to run at full speed): the same result,
-        with the activations of one tile instead of 37 (or more) in memory, and faster on a CPU, where smaller
-        activations reuse freed memory instead of page-faulting in fresh memory (2 tiles: ~110k faults a call)."""
-        x = torch.cat([self.vision_tower(tile) for tile in pixels.flatten(0, -4).split(1)])
-        return self.multi_modal_projector(x[:, 1:] if self.cfg.vision_use_cls_token else x)
+        """One tile at a time (1025 tokens: matrix products big enough to run at full speed): the
+        same result, with the activations of one tile instead of 37 (or more) in memory, and faster
+        on a CPU, where smaller activations reuse freed memory instead of page-faulting in fresh
+        memory (2 tiles: ~110k faults a call)."""
+        tiles = pixels.flatten(0, -4)  # (N, 3, S, S)
+        x = torch.cat([self.vision_tower(tile) for tile in tiles.split(1)])  # (N, L, Dv)
+        if self.cfg.vision_use_cls_token:
+            x = x[:, 1:]  # (N, P, Dv): the class token dropped
+        return self.multi_modal_projector(x)
 
-    def forward(self, input_ids, pixel_values=None, pixel_values_videos=None, attention_mask=None, cache=None,
-                last_only=False, **_):
-        """input_ids (B, T) -> logits (B, T, V). attention_mask covers the cached tokens and the new ones (B, S);
-        positions count from each row's first real token. pixel_values: the tiles of every image in order,
-        (images, tiles, 3, S, S), or (all tiles, 3, S, S) when images have different tile counts; videos alike."""
+    def insert_features(self, x, input_ids, pixels, token_id, what):
+        """The features of the tiles (or frames) in order into the positions of their placeholder
+        token: x (B, T, Dt) -> (B, T, Dt)."""
+        features = self.visual_features(pixels).to(x.dtype).flatten(0, 1)  # (tokens, Dt)
+        slots = input_ids == token_id  # (B, T)
+        n_slots = int(slots.sum())
+        if n_slots != len(features):
+            raise VLMError(f"the prompt has {n_slots} {what} tokens but the {what}s give "
+                           f"{len(features)} features")
+        return x.masked_scatter(slots[..., None], features)
+
+    def forward(self, input_ids, pixel_values=None, pixel_values_videos=None, attention_mask=None,
+                cache=None, last_only=False):
+        """input_ids (B, T) -> logits (B, T, V); with last_only, the last position's (B, 1, V).
+        attention_mask (B, S) covers the cached tokens and the new ones (0: padding); positions
+        count from each row's first real token. pixel_values: the tiles of every image in order,
+        (images, tiles, 3, S, S), or (all tiles, 3, S, S) when images have different tile counts;
+        pixel_values_videos alike, one tile per frame."""
         B, T = input_ids.shape
-        S = T + (cache.len if cache is not None else 0)
-        keys = torch.ones(B, S, dtype=torch.bool, device=input_ids.device) if attention_mask is None else attention_mask.bool()
-        positions = (keys.long().cumsum(-1) - 1).clamp(min=0)[:, -T:]
-        x = self.language_model.embed_tokens(input_ids)
-        for pixels, token, what in ((pixel_values, self.cfg.image_token_id, "image"),
-                                    (pixel_values_videos, self.cfg.video_token_id, "video")):
-            if pixels is not None:
-                feats = self.visual_features(pixels).to(x.dtype).flatten(0, 1)
-                slots = input_ids == token
-                if int(slots.sum()) != len(feats):
-                    raise VLMError(f"the prompt has {int(slots.sum())} {what} tokens but the {what}s give {len(feats)} features")
-                x = x.masked_scatter(slots[..., None], feats)
-        x = self.language_model(x, positions, make_mask(keys, T), cache)
+        n_cached = cache.len if cache is not None else 0
+        if attention_mask is None:  # no padding
+            attention_mask = torch.ones(B, n_cached + T, dtype=torch.bool, device=input_ids.device)
+        keys = attention_mask.bool()  # (B, S): True for the real tokens
+        positions = keys.long().cumsum(-1) - 1  # (B, S): 0 at each row's first real token
+        positions = positions.clamp(min=0)[:, -T:]  # (B, T): the new tokens' (pads get 0)
+        x = self.language_model.embed_tokens(input_ids)  # (B, T, Dt)
+        if pixel_values is not None:
+            x = self.insert_features(x, input_ids, pixel_values, self.cfg.image_token_id, "image")
+        if pixel_values_videos is not None:
+            video_id = self.cfg.video_token_id
+            x = self.insert_features(x, input_ids, pixel_values_videos, video_id, "video")
+        mask = make_mask(keys, T)
+        x = self.language_model(x, positions, mask, cache)  # (B, T, Dt)
         if cache is not None:
             cache.len += T
         if last_only:
-            x = x[:, -1:]
-        return linear(x, self.language_model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight)
+            x = x[:, -1:]  # (B, 1, Dt): generation needs the last position only
+        return self.lm_head(x)  # (B, T, V), or (B, 1, V)
 
     @torch.inference_mode()
-    def generate(self, input_ids, pixel_values=None, pixel_values_videos=None, attention_mask=None, max_new_tokens=100,
-                 temperature=0.0, top_k=None, top_p=None, seed=None, stream=None, **_):
+    def generate(self, input_ids, pixel_values=None, pixel_values_videos=None, attention_mask=None,
+                 max_new_tokens=100, temperature=0.0, top_k=None, top_p=None, seed=None,
+                 stream=None):
         """Prefill once, then decode with the KV cache. Returns only the new ids (B, n)."""
         B, T = input_ids.shape
-        t, total = self.cfg.text, T + max_new_tokens
-        if total > t.max_position_embeddings:
-            raise VLMError(f"the prompt ({T} tokens) plus --max-new-tokens ({max_new_tokens}) exceed the model's "
-                           f"context of {t.max_position_embeddings} tokens (--max-tiles N makes images shorter)")
-        dev = input_ids.device
-        cache = KVCache(t.num_hidden_layers, B, t.num_key_value_heads, total, t.head_dim,
-                        self.language_model.embed_tokens.weight.dtype, dev)
-        keys = torch.ones(B, total, dtype=torch.long, device=dev)  # generated tokens are real keys
+        text = self.cfg.text
+        check_context(T, max_new_tokens, text.max_position_embeddings,
+                      hint=" (--max-tiles N makes images shorter)")
+        total = T + max_new_tokens
+        device = input_ids.device
+        dtype = self.language_model.embed_tokens.weight.dtype
+        cache = KVCache(text.num_hidden_layers, B, text.num_key_value_heads, total, text.head_dim,
+                        dtype, device)
+        # the prompt's mask, then ones: generated tokens are real keys
+        keys = torch.ones(B, total, dtype=torch.long, device=device)
         if attention_mask is not None:
             keys[:, :T] = attention_mask
-        logits = self(input_ids, pixel_values, pixel_values_videos, keys[:, :T], cache, last_only=True)[:, -1]
+        logits = self(input_ids, pixel_values, pixel_values_videos, keys[:, :T], cache,
+                      last_only=True)  # (B, 1, V)
 
-        def step(tok):
-            return self(tok[:, None], attention_mask=keys[:, :cache.len + 1], cache=cache, last_only=True)[:, -1]
+        def step(token):  # (B,) -> (B, V): one cached decode step
+            n_keys = cache.len + 1
+            next_logits = self(token[:, None], attention_mask=keys[:, :n_keys], cache=cache,
+                               last_only=True)
+            return next_logits[:, -1]
 
-        return generate(step, logits, max_new_tokens, self.stop, self.pad_id, temperature, top_k, top_p, seed, stream)
+        return generate(step, logits[:, -1], max_new_tokens, self.stop, self.pad_id, temperature,
+                        top_k, top_p, seed, stream)
 
 
 # ----------------------------------------------------------------------------- preprocessing
 
-def render_template(template, messages, **variables):
-    """A checkpoint's own chat template rendered by Jinja in a sandbox, with transformers' settings, so the
-    string is the one transformers renders."""
-    from jinja2.exceptions import TemplateError
-    from jinja2.ext import loopcontrols
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-    def raise_exception(message):  # templates call this to refuse a conversation they cannot render
-        raise TemplateError(message)
-
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
-    env.globals["raise_exception"] = raise_exception
-    try:
-        return env.from_string(template).render(messages=messages, **variables)
-    except TemplateError as e:
-        raise VLMError(f"chat template: {e}") from None
-
-
-def optional_json(path):
-    return read_json(path) if path.exists() else {}
-
-
-def flatten(xs):  # one item, a list, or a list of lists (one per prompt) -> a flat list
-    xs = [] if xs is None else xs if isinstance(xs, (list, tuple)) else [xs]
-    return [x for item in xs for x in (item if isinstance(item, (list, tuple)) else [item])]
+def flatten(images):
+    """One image, a list, or a list of lists (one per prompt) -> a flat list."""
+    if images is None:
+        return []
+    if not isinstance(images, (list, tuple)):
+        return [images]
+    flat = []
+    for item in images:
+        if isinstance(item, (list, tuple)):
+            flat.extend(item)
+        else:
+            flat.append(item)
+    return flat
 
 
 def uniform_frames(n):
-    """transformers' `num_frames` sampling: frame i * total // n for i < n. A video with fewer frames than n
-    gives all it has (transformers refuses it)."""
-    return lambda total, fps: [i * total // n for i in range(n)] if n <= total else list(range(total))
+    """transformers' `num_frames` sampling as the `pick(total, fps)` of read_video: frame
+    i * total // n for i < n. A video with fewer frames than n gives all it has (transformers
+    refuses it)."""
+
+    def pick(total, fps):  # fps unused: the frames are spaced by count, not by time
+        if n > total:
+            return list(range(total))
+        return [i * total // n for i in range(n)]
+
+    return pick
 
 
 def fitted_size(W, H, canvas_w, canvas_h):
-    """The size an image would have scaled to fit the canvas keeping its aspect ratio, with transformers'
-    rounding (PerceptionLMImageProcessor._get_image_height_width)."""
-    f, s = min(canvas_w / W, canvas_h / H), W / H
-    return (f * W, math.floor(f * W / s)) if s > 1 else (math.floor(f * H * s), f * H)
+    """The size an image would have scaled to fit the canvas keeping its aspect ratio, with
+    transformers' rounding (PerceptionLMImageProcessor._get_image_height_width)."""
+    scale = min(canvas_w / W, canvas_h / H)
+    aspect = W / H
+    if aspect > 1:  # wide: the height follows the width
+        return scale * W, math.floor(scale * W / aspect)
+    return math.floor(scale * H * aspect), scale * H
+
+
+def grids_by_ratio(max_tiles):
+    """{aspect ratio n_w / n_h: [(n_w, n_h), ...]} for every grid of at most max_tiles tiles, in
+    transformers' order: tile count from max_tiles down, then n_w ascending."""
+    grids = {}
+    for n_tiles in range(max_tiles, 0, -1):
+        for n_w in range(1, n_tiles + 1):
+            if n_tiles % n_w == 0:
+                n_h = n_tiles // n_w
+                grids.setdefault(n_w / n_h, []).append((n_w, n_h))
+    return grids
+
+
+def stack_pixels(items):
+    """Per-image (or per-video) pixels -> one tensor: stacked when all have the same tile count, as
+    transformers does, else their tiles concatenated (all tiles, 3, S, S)."""
+    if len({x.shape for x in items}) == 1:
+        return torch.stack(items)
+    return torch.cat(items)
+
+
+def read_chat_template(folder, *configs):
+    """chat_template.jinja, else the `chat_template` of chat_template.json or of a config (older
+    checkpoints keep it there), else None."""
+    jinja = folder / "chat_template.jinja"
+    if jinja.exists():
+        return jinja.read_text(encoding="utf-8")
+    for config in (optional_json(folder / "chat_template.json"), *configs):
+        if config.get("chat_template"):
+            return config["chat_template"]
+    return None
 
 
 class Processor:
-    """Images, videos and text -> model inputs, exactly as transformers' PerceptionLMProcessor (torchvision
-    backend), with two differences: images with different tile counts can share a batch (their tiles are then
-    concatenated, (all tiles, 3, S, S)), and a text that already starts with <|begin_of_text|> (a rendered chat
-    template) does not get a second one, as in transformers' apply_chat_template(tokenize=True) flow."""
+    """Images, videos and text -> model inputs, exactly as transformers' PerceptionLMProcessor
+    (torchvision backend), with two differences: images with different tile counts can share a batch
+    (their tiles are then concatenated, (all tiles, 3, S, S)), and a text that already starts with
+    <|begin_of_text|> (a rendered chat template) does not get a second one, as in transformers'
+    apply_chat_template(tokenize=True) flow."""
 
     def __init__(self, folder, cfg):
-        from tokenizers import Tokenizer
-        try:
-            self.tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
-        except Exception as e:  # tokenizers raises a bare Exception for a missing or malformed file
-            raise VLMError(f"{folder / 'tokenizer.json'} cannot be read ({e})") from None
-        tc, pp = optional_json(folder / "tokenizer_config.json"), read_json(folder / "preprocessor_config.json")
-        vp, pc = optional_json(folder / "video_preprocessor_config.json"), optional_json(folder / "processor_config.json")
-        token = lambda v: v["content"] if isinstance(v, dict) else v  # older files store AddedToken dicts
-        self.bos, self.pad = token(tc.get("bos_token", "<|begin_of_text|>")), token(tc.get("pad_token", "<|end_of_text|>"))
+        self.tokenizer = open_tokenizer(folder)
+        tokenizer_config = optional_json(folder / "tokenizer_config.json")
+        image_config = read_json(folder / "preprocessor_config.json")
+        video_config = optional_json(folder / "video_preprocessor_config.json")
+        processor_config = optional_json(folder / "processor_config.json")
+        # text: special tokens by name in tokenizer_config.json, placeholders by id in config.json
+        self.bos = token_text(tokenizer_config.get("bos_token", "<|begin_of_text|>"))
+        self.pad = token_text(tokenizer_config.get("pad_token", "<|end_of_text|>"))
         self.pad_id = self.tokenizer.token_to_id(self.pad)
-        self.image_token, self.video_token = (self.tokenizer.id_to_token(i) for i in (cfg.image_token_id, cfg.video_token_id))
-        self.tile, self.max_num_tiles = pp.get("tile_size", 448), pp.get("max_num_tiles", 36)
-        self.thumb_and_tiles = pp.get("vision_input_type", "thumb+tile") == "thumb+tile"
-        self.mode = {2: "bilinear", 3: "bicubic"}.get(pp.get("resample", 3), "bicubic")
-        size = vp.get("size", {"height": 448, "width": 448})
+        eos = token_text(tokenizer_config.get("eos_token", "<|eot_id|>"))
+        self.stop = [self.tokenizer.token_to_id(eos)]  # load() adds the checkpoint's other end ids
+        self.image_token = self.tokenizer.id_to_token(cfg.image_token_id)
+        self.video_token = self.tokenizer.id_to_token(cfg.video_token_id)
+        self.chat_template = read_chat_template(folder, processor_config, tokenizer_config)
+        # images: a thumbnail and up to max_num_tiles tiles ("thumb+tile"), or the thumbnail alone
+        self.tile = image_config.get("tile_size", 448)
+        self.max_num_tiles = image_config.get("max_num_tiles", 36)
+        self.thumb_and_tiles = image_config.get("vision_input_type", "thumb+tile") == "thumb+tile"
+        resample = image_config.get("resample", 3)  # PIL's numbering
+        self.mode = {2: "bilinear", 3: "bicubic"}.get(resample, "bicubic")
+        # videos: every frame one tile
+        size = video_config.get("size", {"height": 448, "width": 448})
         self.video_size = (size["height"], size["width"])
-        self.patch, self.pool = pc.get("patch_size", cfg.vision.patch_size), pc.get("pooling_ratio", 2)
-        self.stop = [self.tokenizer.token_to_id(token(tc.get("eos_token", "<|eot_id|>")))]  # load() widens it
-        jinja = folder / "chat_template.jinja"
-        self.chat_template = jinja.read_text(encoding="utf-8") if jinja.exists() else next(
-            (c["chat_template"] for c in (optional_json(folder / "chat_template.json"), pc, tc) if c.get("chat_template")), None)
+        # tokens per tile: the patches left after the projector's pooling
+        self.patch = processor_config.get("patch_size", cfg.vision.patch_size)
+        self.pool = processor_config.get("pooling_ratio", 2)
 
     def apply_chat_template(self, messages, add_generation_prompt=True):
         if self.chat_template is None:
-            raise VLMError("this checkpoint has no chat template (chat_template.jinja): pass a raw prompt (--raw)")
-        return render_template(self.chat_template, messages, bos_token=self.bos, pad_token=self.pad,
-                               add_generation_prompt=add_generation_prompt)
+            raise VLMError("this checkpoint has no chat template (chat_template.jinja): "
+                           "pass a raw prompt (--raw)")
+        return render_template(self.chat_template, messages, bos_token=self.bos,
+                               pad_token=self.pad, add_generation_prompt=add_generation_prompt)
 
     def canvas(self, W, H, max_tiles):
-        """(n_w, n_h) tiles for a W x H image, transformers' choice (Llama 3.2 Vision's dynamic tiling): of the
-        grids of at most max_tiles tiles that hold the image without shrinking it, the one where the image
-        would be biggest, later grids winning ties (so the biggest grid); if none holds it, the grid with the
-        closest aspect ratio."""
+        """(n_w, n_h) tiles for a W x H image, transformers' choice (Llama 3.2 Vision's dynamic
+        tiling): of the grids of at most max_tiles tiles that hold the image without shrinking it,
+        the one where the image would be biggest, later grids winning ties (so the biggest grid); if
+        none holds it, the grid with the closest aspect ratio."""
         if max_tiles <= 1:
             return 1, 1
-        ratios = {}  # aspect ratio -> grids, in transformers' order: n from max_tiles down, n_w ascending
-        for n in range(max_tiles, 0, -1):
-            for n_w in (x for x in range(1, n + 1) if n % x == 0):
-                ratios.setdefault(n_w / (n // n_w), []).append((n_w, n // n_w))
-        s, t, best = W / H, self.tile, None
-        for n_w, n_h in (grid for grids in ratios.values() for grid in grids):
-            if n_w * t >= W and n_h * t >= H:  # the short side of the image decides
-                side = fitted_size(W, H, n_w * t, n_h * t)[0 if s < 1 else 1]
-                if best is None or side >= best[0]:
-                    best = side, (n_w, n_h)
-        if best is not None:
-            return best[1]
-        if s >= 1:
-            key = min((r for r in ratios if r <= s), key=lambda r: abs(r - s))
-            return max(ratios[key], key=lambda g: g[0])
-        key = min((r for r in ratios if r > s), key=lambda r: abs(1 / r - 1 / s))
-        return max(ratios[key], key=lambda g: g[1])
+        grids = grids_by_ratio(max_tiles)
+        aspect = W / H
+        best_side = None
+        best_grid = None
+        for ratio_grids in grids.values():
+            for n_w, n_h in ratio_grids:
+                canvas_w = n_w * self.tile
+                canvas_h = n_h * self.tile
+                if canvas_w < W or canvas_h < H:
+                    continue  # the image would shrink
+                fitted_w, fitted_h = fitted_size(W, H, canvas_w, canvas_h)
+                short_side = fitted_w if aspect < 1 else fitted_h  # the short side decides
+                if best_side is None or short_side >= best_side:
+                    best_side = short_side
+                    best_grid = (n_w, n_h)
+        if best_grid is not None:
+            return best_grid
+        # no grid holds the image: of the closest aspect ratio on the image's side of 1, its grid
+        # with the most tiles along the long side
+        if aspect >= 1:
+            wide_ratios = [ratio for ratio in grids if ratio <= aspect]
+            closest = min(wide_ratios, key=lambda ratio: abs(ratio - aspect))
+            return max(grids[closest], key=lambda grid: grid[0])
+        tall_ratios = [ratio for ratio in grids if ratio > aspect]
+        closest = min(tall_ratios, key=lambda ratio: abs(1 / ratio - 1 / aspect))
+        return max(grids[closest], key=lambda grid: grid[1])
 
     def tiles(self, image, max_tiles):
-        """An image -> uint8 (1 + n_w * n_h, 3, t, t): the thumbnail, then the tiles of the image stretched onto
-        the canvas in row-major order. Both resizes stretch (no padding), bicubic, antialiased on uint8."""
-        x = image_tensor(image)[None]
+        """An image -> uint8 (1 + n_w * n_h, 3, t, t): the thumbnail, then the tiles of the image
+        stretched onto the canvas in row-major order. Both resizes stretch (no padding), bicubic,
+        antialiased on uint8."""
+        x = image_tensor(image)[None]  # (1, 3, H, W)
         H, W = x.shape[-2:]
         t = self.tile
-        thumb = resize(x, (t, t), self.mode)
+        thumbnail = resize(x, (t, t), self.mode)  # (1, 3, t, t)
         if not self.thumb_and_tiles:  # "vanilla": the thumbnail alone
-            return thumb
+            return thumbnail
         n_w, n_h = self.canvas(W, H, max_tiles)
-        big = resize(x, (n_h * t, n_w * t), self.mode)
-        return torch.cat([thumb, big.view(3, n_h, t, n_w, t).permute(1, 3, 0, 2, 4).reshape(-1, 3, t, t)])
+        canvas = resize(x, (n_h * t, n_w * t), self.mode)  # (1, 3, n_h * t, n_w * t)
+        tiles = canvas.view(3, n_h, t, n_w, t).permute(1, 3, 0, 2, 4)  # (n_h, n_w, 3, t, t)
+        tiles = tiles.reshape(-1, 3, t, t)  # (n_h * n_w, 3, t, t): row-major
+        return torch.cat([thumbnail, tiles])
 
     def frames(self, video, num_frames):
-        """A video file (decoded with PyAV, `num_frames` sampled uniformly, 32 by default as PLM was trained), or
-        decoded frames ((T, H, W, 3) / (T, 3, H, W) uint8, or a list of images: sampled only if num_frames is
-        given) -> uint8 (T, 3, h, w) resized to one tile each (stretched)."""
-        if isinstance(video, (str, Path)):
-            x = read_video(video, uniform_frames(num_frames or 32))[0]
+        """A video file (decoded with PyAV, `num_frames` sampled uniformly, 32 by default as PLM was
+        trained), or decoded frames ((T, H, W, 3) / (T, 3, H, W) uint8, or a list of images: sampled
+        only if num_frames is given) -> uint8 (T, 3, h, w) resized to one tile each (stretched)."""
+        if isinstance(video, (str, Path)):  # only the sampled frames are decoded
+            x, _ = read_video(video, uniform_frames(num_frames or 32))  # (T, 3, H, W)
+            return resize(x.contiguous(), self.video_size, self.mode)
+        if isinstance(video, (list, tuple)):
+            x = torch.stack([image_tensor(frame) for frame in video])  # (T, 3, H, W)
         else:
-            is_list = isinstance(video, (list, tuple))
-            x = torch.stack([image_tensor(f) for f in video]) if is_list else torch.as_tensor(np.asarray(video))
-            x = x.permute(0, 3, 1, 2) if x.shape[-1] == 3 else x
-            x = x[uniform_frames(num_frames)(len(x), None)] if num_frames else x
+            x = torch.as_tensor(np.asarray(video))
+            if x.shape[-1] == 3:  # channels last
+                x = x.permute(0, 3, 1, 2)  # (T, 3, H, W)
+        if num_frames:
+            pick = uniform_frames(num_frames)
+            x = x[pick(len(x), None)]
         return resize(x.contiguous(), self.video_size, self.mode)
 
-    def __call__(self, text=None, images=None, videos=None, num_frames=None, max_num_tiles=None, **_):
-        text = [text] if isinstance(text, str) else list(text or [""])
+    def tokens_per_tile(self, pixels):  # (..., 3, h, w) -> pooled patches a tile: 256 at 448 px
+        rows = pixels.shape[-2] // self.patch // self.pool
+        cols = pixels.shape[-1] // self.patch // self.pool
+        return rows * cols
+
+    def expand_placeholders(self, prompts, tiles, frames):
+        """Each <|image|> (<|video|>) becomes one token per pooled patch of every tile (frame) of
+        its image (video), the images and videos taken in order."""
+        runs = {self.image_token: [], self.video_token: []}
+        for x in tiles:
+            runs[self.image_token].append(self.image_token * self.tokens_per_tile(x) * len(x))
+        for x in frames:
+            runs[self.video_token].append(self.video_token * self.tokens_per_tile(x) * len(x))
+        placeholder = re.compile(f"({re.escape(self.image_token)}|{re.escape(self.video_token)})")
+        expanded = []
+        for prompt in prompts:
+            pieces = placeholder.split(prompt)  # text, placeholder, text, ..., placeholder, text
+            for i in range(1, len(pieces), 2):
+                pieces[i] = runs[pieces[i]].pop(0)
+            expanded.append("".join(pieces))
+        return expanded
+
+    def __call__(self, text=None, images=None, videos=None, num_frames=None, max_num_tiles=None):
+        """text: a prompt or a list of prompts, with a placeholder for each image and video; images:
+        one, a list, or a list per prompt; videos: a file or decoded frames, or a list of them ->
+        {input_ids, attention_mask, and pixel_values / pixel_values_videos where given}.
+        max_num_tiles replaces the checkpoint's tile cap (36); num_frames: frames sampled per
+        video (a file: 32 by default; decoded frames: all by default)."""
+        if isinstance(text, str):
+            text = [text]
+        prompts = list(text or [""])
         images = flatten(images)
-        videos = [] if videos is None else [videos] if isinstance(videos, (str, Path, np.ndarray, torch.Tensor)) else list(videos)
-        for token, given, what in ((self.image_token, images, "images"), (self.video_token, videos, "videos")):
-            if (n := sum(t.count(token) for t in text)) != len(given):
-                raise VLMError(f"the prompts have {n} {token} placeholders but {len(given)} {what} were given")
-        tiles = [self.tiles(im, max_num_tiles or self.max_num_tiles) for im in images]
-        frames = [self.frames(v, num_frames) for v in videos]
-        # each placeholder becomes one token per pooled patch of each of its tiles (256 per 448 tile)
-        per_tile = lambda x: (x.shape[-2] // self.patch // self.pool) * (x.shape[-1] // self.patch // self.pool)
-        runs = {tok: iter([tok * per_tile(x) * len(x) for x in xs])
-                for tok, xs in ((self.image_token, tiles), (self.video_token, frames))}
-        pattern = re.compile("|".join(map(re.escape, runs)))
-        text = [pattern.sub(lambda m: next(runs[m.group()]), t) for t in text]
-        ids = [self.tokenizer.encode(t, add_special_tokens=not t.startswith(self.bos)).ids for t in text]
-        L = max(len(i) for i in ids)  # left padding, so every row ends where generation starts
-        out = {"input_ids": torch.tensor([[self.pad_id] * (L - len(i)) + i for i in ids]),
-               "attention_mask": torch.tensor([[0] * (L - len(i)) + [1] * len(i) for i in ids])}
-        stack = lambda xs: torch.stack(xs) if len({x.shape for x in xs}) == 1 else torch.cat(xs)  # mixed: all tiles
+        if videos is None:
+            videos = []
+        elif isinstance(videos, (str, Path, np.ndarray, torch.Tensor)):  # one video
+            videos = [videos]
+        videos = list(videos)
+        given = [(self.image_token, images, "images"), (self.video_token, videos, "videos")]
+        for token, media, what in given:
+            n_placeholders = sum(prompt.count(token) for prompt in prompts)
+            if n_placeholders != len(media):
+                raise VLMError(f"the prompts have {n_placeholders} {token} placeholders but "
+                               f"{len(media)} {what} were given")
+        tiles = [self.tiles(image, max_num_tiles or self.max_num_tiles) for image in images]
+        frames = [self.frames(video, num_frames) for video in videos]
+        prompts = self.expand_placeholders(prompts, tiles, frames)
+        ids = []
+        for prompt in prompts:
+            # a rendered chat template starts with <|begin_of_text|> already: no second one
+            add_bos = not prompt.startswith(self.bos)
+            ids.append(self.tokenizer.encode(prompt, add_special_tokens=add_bos).ids)
+        out = {"input_ids": left_pad(ids, self.pad_id),
+               "attention_mask": left_pad([[1] * len(row) for row in ids], 0)}
         if tiles:
-            out["pixel_values"] = stack([normalize(x) for x in tiles])
+            out["pixel_values"] = stack_pixels([normalize(x) for x in tiles])
         if frames:
-            out["pixel_values_videos"] = stack([normalize(x) for x in frames])
+            out["pixel_values_videos"] = stack_pixels([normalize(x) for x in frames])
         return out
 
     def decode(self, ids):
         """Text of generated ids, up to the first end token, special tokens skipped."""
-        ids = [int(i) for i in ids]
-        ends = [k for k, i in enumerate(ids) if i in self.stop]
-        return self.tokenizer.decode(ids[:ends[0]] if ends else ids, skip_special_tokens=True)
+        return decode_ids(self.tokenizer, ids, self.stop)
 
 
 # ----------------------------------------------------------------------------- loading
 
 def hub_name(key, tied):
-    """Hub key -> our module path: `model.` and timm's `timm_model.` wrapper dropped. A tied checkpoint's
-    stored output head (none is released) is ignored: the head is the embedding."""
+    """Hub key -> our module path: `model.` and timm's `timm_model.` wrapper dropped. A tied
+    checkpoint's stored output head (none is released) is ignored: the head is the embedding."""
     if tied and key == "lm_head.weight":
         return None
     return key.removeprefix("model.").replace("vision_tower.timm_model.", "vision_tower.")
@@ -536,48 +779,55 @@ def load(model=DEFAULT_MODEL, device=None, dtype=None):
     """Load a PerceptionLM checkpoint (hub repo id or local directory) -> (model, processor)."""
     folder = resolve(model)
     cfg = Config.from_folder(folder)
-    m = load_weights(lambda: PerceptionLM(cfg), folder, lambda k: hub_name(k, cfg.tie_word_embeddings), device, dtype)
+    rename = partial(hub_name, tied=cfg.tie_word_embeddings)
+    perception_lm = load_weights(partial(PerceptionLM, cfg), folder, rename, device, dtype)
     processor = Processor(folder, cfg)
-    m.stop = processor.stop = stop_ids(folder, *processor.stop)
-    m.pad_id = processor.pad_id
-    return m, processor
+    processor.stop = stop_ids(folder, *processor.stop)
+    perception_lm.stop = processor.stop
+    perception_lm.pad_id = processor.pad_id
+    return perception_lm, processor
 
 
 # ----------------------------------------------------------------------------- command line
 
 def main(argv=None):
-    p = cli_parser("Describe images and videos, or answer questions about them, with PerceptionLM 1B/3B/8B.",
-                   DEFAULT_MODEL)
-    p.add_argument("--video", default=None, help="a video file (decoded with PyAV; one tile of 256 tokens per frame)")
-    p.add_argument("--num-frames", type=int, default=32, help="frames sampled uniformly from --video (default 32, "
-                   "as PLM was trained; a shorter video gives all its frames)")
-    p.add_argument("--max-tiles", type=int, default=None, help="at most this many 448px tiles per image, plus the "
-                   "thumbnail (default: the checkpoint's 36, so almost any image becomes ~37 tiles = ~9.5k tokens, "
-                   "slow on a CPU; e.g. --max-tiles 4 for a quick answer)")
-    p.add_argument("--raw", action="store_true", help="pass --prompt as is (with <|image|> / <|video|> "
-                   "placeholders), not wrapped in the chat template")
-    a = p.parse_args(argv)
-    check_args(a.max_new_tokens, a.temperature, a.top_k, a.top_p, a.prompt)
-    for flag, value in (("num-frames", a.num_frames), ("max-tiles", a.max_tiles)):
+    parser = cli_parser("Describe images and videos, or answer questions about them, with "
+                        "PerceptionLM 1B/3B/8B.", DEFAULT_MODEL)
+    parser.add_argument("--video", default=None,
+                        help="a video file (decoded with PyAV; one tile of 256 tokens per frame)")
+    parser.add_argument("--num-frames", type=int, default=32,
+                        help="frames sampled uniformly from --video (default 32, as PLM was "
+                        "trained; a shorter video gives all its frames)")
+    parser.add_argument("--max-tiles", type=int, default=None,
+                        help="at most this many 448px tiles per image, plus the thumbnail "
+                        "(default: the checkpoint's 36, so almost any image becomes ~37 tiles = "
+                        "~9.5k tokens, slow on a CPU; e.g. --max-tiles 4 for a quick answer)")
+    parser.add_argument("--raw", action="store_true",
+                        help="pass --prompt as is (with <|image|> / <|video|> placeholders), not "
+                        "wrapped in the chat template")
+    args = parser.parse_args(argv)
+    check_args(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.prompt)
+    for flag, value in (("num-frames", args.num_frames), ("max-tiles", args.max_tiles)):
         if value is not None and value <= 0:
             raise VLMError(f"{flag} must be positive, got {value}")
-    images = [open_image(path) for path in a.image]  # fail on a bad image or video before the slow load
-    videos = [read_video(a.video, uniform_frames(a.num_frames))[0]] if a.video else []
-    t0 = time.perf_counter()
-    model, processor = load(a.model, a.device, a.dtype)
-    t_load = time.perf_counter() - t0
-    text = a.prompt
-    if not a.raw:  # a user turn: images, then the video, then the text, as the template orders them
-        content = [{"type": "image"}] * len(images) + [{"type": "video"}] * len(videos) + [{"type": "text", "text": a.prompt}]
-        text = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
-    dev = next(model.parameters()).device
-    inputs = processor(text=[text], images=images or None, videos=videos or None, max_num_tiles=a.max_tiles)
-    out = Streamer(processor.decode)
-    model.generate(**{k: v.to(dev) for k, v in inputs.items()}, max_new_tokens=a.max_new_tokens,
-                   temperature=a.temperature, top_k=a.top_k, top_p=a.top_p, seed=a.seed, stream=out)
-    out()
-    if a.verbose:
-        out.report(t_load)
+    # fail on a bad image or video before the slow load
+    images = [open_image(path) for path in args.image]
+    videos = []
+    if args.video:
+        frames, _ = read_video(args.video, uniform_frames(args.num_frames))
+        videos.append(frames)
+    start = time.perf_counter()
+    model, processor = load(args.model, args.device, args.dtype)
+    load_seconds = time.perf_counter() - start
+    text = args.prompt
+    if not args.raw:  # a user turn: images, then the video, then the text (the template's order)
+        content = [{"type": "image"}] * len(images) + [{"type": "video"}] * len(videos)
+        content.append({"type": "text", "text": args.prompt})
+        messages = [{"role": "user", "content": content}]
+        text = processor.apply_chat_template(messages, add_generation_prompt=True)
+    inputs = processor(text=[text], images=images or None, videos=videos or None,
+                       max_num_tiles=args.max_tiles)
+    stream_answer(model, processor, inputs, args, load_seconds)
 
 
 if __name__ == "__main__":

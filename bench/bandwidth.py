@@ -1,10 +1,11 @@
-"""What is this machine's memory bandwidth? (the ceiling for decoding, which reads every weight once per token)
+"""What is this machine's memory bandwidth? (the ceiling for decoding, which reads every weight once
+per token)
 
     python bench/bandwidth.py [--threads N] [--gib 2]
 
-Reads a buffer much larger than the caches with torch (the same threads the models use) and prints GB/s.
-The buffer is written first: reading never-touched memory only reads the kernel's shared zero page, which
-would report cache speed, not memory speed.
+Reads a buffer much larger than the caches with torch (the same threads the models use) and prints
+GB/s. The buffer is written first: reading never-touched memory only reads the kernel's shared zero
+page, which would report cache speed, not memory speed.
 """
 import argparse
 import json
@@ -15,8 +16,9 @@ import torch
 
 
 def read_bandwidth(gib=2.0, repeats=7):
-    """The best of two ways to read `gib` of fp32 once: a sum, and a matrix-vector product (what a decode step
-    is). Neither alone is the ceiling on every machine: on some the sum runs below what a GEMV reaches."""
+    """The best of two ways to read `gib` of fp32 once: a sum, and a matrix-vector product (what a
+    decode step is). Neither alone is the ceiling on every machine: on some the sum runs below what
+    a GEMV reaches."""
     x = torch.ones(int(gib * 2**30) // 4)  # written, so every page is real memory
     m, v = x.view(-1, 4096), torch.ones(4096)
     best = 0.0
@@ -32,9 +34,10 @@ def read_bandwidth(gib=2.0, repeats=7):
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--gib", type=float, default=2.0, help="buffer size (default 2 GiB: well beyond the caches)")
+    p.add_argument("--gib", type=float, default=2.0,
+                   help="buffer size (default 2 GiB: well beyond the caches)")
     p.add_argument("--json", action="store_true")
     a = p.parse_args()
     if a.threads:

@@ -1,12 +1,14 @@
-"""How do we compare with transformers? Same weights, inputs, dtype and threads; each run in a fresh process.
+"""How do we compare with transformers? Same weights, inputs, dtype and threads; each run in a fresh
+process.
 
     python bench/compare.py paligemma --size pg2-3b-224 --dtype bfloat16
     python bench/compare.py smolvlm --size 256m --dtype float32 --repeats 5
-    python bench/compare.py paligemma --checkpoint ~/models/paligemma2-3b-mix-224 --dtype float32   # real weights
+    # real weights
+    python bench/compare.py paligemma --checkpoint ~/models/paligemma2-3b-mix-224 --dtype float32
 
-Runs bench/measure.py for ours and for transformers alternately (`--repeats` times each, median taken),
-measures the machine's read bandwidth in the same run, prints a markdown table of the ratios (ours /
-transformers) with the absolute numbers, and appends it to bench/RESULTS.md.
+Runs bench/measure.py for ours and for transformers alternately (`--repeats` times each, median
+taken), measures the machine's read bandwidth in the same run, prints a markdown table of the ratios
+(ours / transformers) with the absolute numbers, and appends it to bench/RESULTS.md.
 """
 import argparse
 import datetime
@@ -26,7 +28,8 @@ METRICS = [("decode_tok_s", "decode, batch 1", "tok/s", "higher", 1.5, "{:.2f}")
            ("ttft_s", "time to first token (1 image)", "s", "lower", 0.8, "{:.2f}"),
            ("load_s", "load (imports + weights + processor)", "s", "lower", 0.3, "{:.2f}"),
            ("peak_rss_mb", "peak RSS", "MB", "lower", 0.7, "{:.0f}"),
-           ("anon_mb", "of it anonymous at the end (not file pages)", "MB", "lower", None, "{:.0f}")]
+           ("anon_mb", "of it anonymous at the end (not file pages)", "MB", "lower", None,
+            "{:.0f}")]
 
 
 def measure(impl, family, folder, dtype, new_tokens, threads):
@@ -39,56 +42,71 @@ def measure(impl, family, folder, dtype, new_tokens, threads):
 
 
 def machine():
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
+    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
+                if line.startswith("model name")),
                platform.processor()) if Path("/proc/cpuinfo").exists() else platform.processor()
     import torch
     import transformers
     flags = open("/proc/cpuinfo").read() if Path("/proc/cpuinfo").exists() else ""
-    isa = "AMX-BF16" if "amx_bf16" in flags else "AVX512-BF16" if "avx512_bf16" in flags else "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "?"
-    return f"{cpu}, {isa}, torch {torch.__version__}, transformers {transformers.__version__}, Python {platform.python_version()}"
+    isa = ("AMX-BF16" if "amx_bf16" in flags else "AVX512-BF16" if "avx512_bf16" in flags
+           else "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "?")
+    return (f"{cpu}, {isa}, torch {torch.__version__}, transformers {transformers.__version__}, "
+            f"Python {platform.python_version()}")
 
 
 def table(family, size, dtype, runs, bandwidth, threads):
-    med = {impl: {k: statistics.median(r[k] for r in runs[impl]) for k in runs[impl][0]} for impl in runs}
+    med = {impl: {k: statistics.median(r[k] for r in runs[impl]) for k in runs[impl][0]}
+           for impl in runs}
     ours, hf = med["ours"], med["hf"]
-    lines = [f"### {family} {size}, {dtype}, {threads} threads ({len(runs['ours'])} runs each, median)", "",
-             "| metric | ours | transformers | ours / transformers | target | met |", "| --- | --- | --- | --- | --- | --- |"]
+    n_runs = len(runs["ours"])
+    lines = [f"### {family} {size}, {dtype}, {threads} threads ({n_runs} runs each, median)", "",
+             "| metric | ours | transformers | ours / transformers | target | met |",
+             "| --- | --- | --- | --- | --- | --- |"]
     for key, label, unit, better, target, fmt in METRICS:
         ratio = ours[key] / hf[key]
-        met = "" if target is None else ("yes" if (ratio >= target if better == "higher" else ratio <= target) else "**no**")
+        met = "" if target is None else (
+            "yes" if (ratio >= target if better == "higher" else ratio <= target) else "**no**")
         goal = "" if target is None else (f">= {target}" if better == "higher" else f"<= {target}")
-        lines.append(f"| {label} ({unit}) | {fmt.format(ours[key])} | {fmt.format(hf[key])} | {ratio:.2f} | {goal} | {met} |")
+        lines.append(f"| {label} ({unit}) | {fmt.format(ours[key])} | {fmt.format(hf[key])} | "
+                     f"{ratio:.2f} | {goal} | {met} |")
     for impl, name in (("ours", "ours"), ("hf", "transformers")):
         achieved = med[impl]["decode_bytes"] * med[impl]["decode_tok_s"] / 1e9
         if impl == "ours":
             pct = 100 * achieved / bandwidth
-            lines.append(f"| decode bandwidth, {name} (GB/s; % of the {bandwidth:.1f} GB/s read ceiling) | "
-                         f"{achieved:.1f} ({pct:.0f}%) | | | >= 60% | {'yes' if pct >= 60 else '**no**'} |")
+            lines.append(f"| decode bandwidth, {name} "
+                         f"(GB/s; % of the {bandwidth:.1f} GB/s read ceiling) | "
+                         f"{achieved:.1f} ({pct:.0f}%) | | | >= 60% | "
+                         f"{'yes' if pct >= 60 else '**no**'} |")
         else:
             lines.append(f"| decode bandwidth, {name} (GB/s; % of ceiling) | | {achieved:.1f} "
                          f"({100 * achieved / bandwidth:.0f}%) | | | |")
-    lines.append(f"\nDecode reads {ours['decode_bytes'] / 1e9:.2f} GB per token (decoder + LM head, {dtype}). "
-                 f"Prompt: {int(ours['prompt_tokens'])} tokens (transformers: {int(hf['prompt_tokens'])}); "
+    lines.append(f"\nDecode reads {ours['decode_bytes'] / 1e9:.2f} GB per token "
+                 f"(decoder + LM head, {dtype}). "
+                 f"Prompt: {int(ours['prompt_tokens'])} tokens "
+                 f"(transformers: {int(hf['prompt_tokens'])}); "
                  f"{int(ours['tokens'])} new tokens per run.")
     return "\n".join(lines)
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("family", choices=["paligemma", "smolvlm", "perception_lm"])
     p.add_argument("--size", help="a real size from bench/checkpoints.py (random weights)")
     p.add_argument("--checkpoint", help="or a local checkpoint directory (real weights)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--new-tokens", type=int, default=32)
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own choice)")
-    p.add_argument("--no-write", action="store_true", help="print the table without appending to RESULTS.md")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads (default: torch's own choice)")
+    p.add_argument("--no-write", action="store_true",
+                   help="print the table without appending to RESULTS.md")
     a = p.parse_args()
     if not a.checkpoint and not a.size:
         p.error("give --size or --checkpoint")
     from checkpoints import checkpoint
     folder = Path(a.checkpoint) if a.checkpoint else checkpoint(a.family, a.size, "bfloat16")
-    bw = subprocess.run([sys.executable, str(HERE / "bandwidth.py"), "--json"] + (["--threads", str(a.threads)] if a.threads else []),
+    thread_args = ["--threads", str(a.threads)] if a.threads else []
+    bw = subprocess.run([sys.executable, str(HERE / "bandwidth.py"), "--json"] + thread_args,
                         capture_output=True, text=True, check=True)
     bandwidth = json.loads(bw.stdout)["read_gb_s"]
     runs = {"ours": [], "hf": []}

@@ -1,12 +1,14 @@
-"""How fast is ONE implementation on one checkpoint? (one fresh process; bench/compare.py runs it for both)
+"""How fast is ONE implementation on one checkpoint? (one fresh process; bench/compare.py runs it
+for both)
 
-    python bench/measure.py ours paligemma CHECKPOINT_DIR --dtype float32 [--new-tokens 32] [--threads N]
+    python bench/measure.py ours paligemma CHECKPOINT_DIR --dtype float32
+                            [--new-tokens 32] [--threads N]
 
-Prints one JSON line: load_s (imports + load to a ready model and processor), ttft_s (processor + prefill
-to the first token, one image; the median of three runs), decode_tok_s (batch 1), batch4_tok_s (decode
-throughput at batch 4), peak_rss_mb, anon_mb (resident memory that is not file pages, at the end), decode_bytes (bytes read per decoded
-token: decoder weights and LM head), tokens.
-A warm-up generation runs first and is not counted.
+Prints one JSON line: load_s (imports + load to a ready model and processor), ttft_s (processor +
+prefill to the first token, one image; the median of three runs), decode_tok_s (batch 1),
+batch4_tok_s (decode throughput at batch 4), peak_rss_mb, anon_mb (resident memory that is not file
+pages, at the end), decode_bytes (bytes read per decoded token: decoder weights and LM head),
+tokens. A warm-up generation runs first and is not counted.
 """
 import argparse
 import json
@@ -22,9 +24,11 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-PROMPTS = {"paligemma": "caption en", "smolvlm": "Describe this image.", "perception_lm": "Describe the image."}
-VISION_PREFIXES = ("vision_tower", "vision_model", "multi_modal_projector", "model.vision_model", "model.connector",
-                   "connector", "model.vision_tower", "model.multi_modal_projector")
+PROMPTS = {"paligemma": "caption en", "smolvlm": "Describe this image.",
+           "perception_lm": "Describe the image."}
+VISION_PREFIXES = ("vision_tower", "vision_model", "multi_modal_projector", "model.vision_model",
+                   "model.connector", "connector", "model.vision_tower",
+                   "model.multi_modal_projector")
 
 
 def image():
@@ -32,15 +36,18 @@ def image():
     from PIL import Image
     rng = np.random.default_rng(0)
     y, x = np.mgrid[0:480, 0:640]
-    base = np.stack([x * 255 / 640, y * 255 / 480, (x + y) * 127 / 1120], -1) + rng.normal(0, 20, (480, 640, 3))
+    base = (np.stack([x * 255 / 640, y * 255 / 480, (x + y) * 127 / 1120], -1)
+            + rng.normal(0, 20, (480, 640, 3)))
     return Image.fromarray(np.clip(base, 0, 255).astype(np.uint8))
 
 
 def chat(family, processor, batch):
-    """The prompt text for `batch` rows, through the checkpoint's chat template where the family has one."""
+    """The prompt text for `batch` rows, through the checkpoint's chat template where the family has
+    one."""
     if family == "paligemma":
         return [PROMPTS[family]] * batch
-    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": PROMPTS[family]}]}]
+    messages = [{"role": "user",
+                 "content": [{"type": "image"}, {"type": "text", "text": PROMPTS[family]}]}]
     return [processor.apply_chat_template(messages, add_generation_prompt=True)] * batch
 
 
@@ -61,7 +68,8 @@ def run(impl, family, model, processor, batch, new_tokens):
     texts = chat(family, processor, batch)
     if impl == "ours":
         inputs = processor(text=texts, images=[[image()]] * batch)
-        model.generate(**inputs, max_new_tokens=new_tokens, stream=lambda tok: times.append(time.perf_counter()))
+        model.generate(**inputs, max_new_tokens=new_tokens,
+                       stream=lambda tok: times.append(time.perf_counter()))
     else:
         from transformers.generation.streamers import BaseStreamer
 
@@ -77,7 +85,8 @@ def run(impl, family, model, processor, batch, new_tokens):
                 pass
 
         kw = dict(padding=True) if batch > 1 else {}
-        if family == "perception_lm":  # the rendered chat already starts with <|begin_of_text|>: no second one
+        # the rendered chat already starts with <|begin_of_text|>: no second one
+        if family == "perception_lm":
             kw["add_special_tokens"] = False
         inputs = processor(text=texts, images=[[image()]] * batch, return_tensors="pt", **kw)
         with torch.inference_mode():
@@ -86,28 +95,32 @@ def run(impl, family, model, processor, batch, new_tokens):
 
 
 def decode_bytes(model):
-    """Bytes a decode step must read: every decoder weight once and the LM head, the vision tower not. A token
-    embedding is only looked up (one row) unless it is also the LM head (tied), when it is read whole, once.
-    The KV cache of a short prompt adds < 1% and is left out."""
+    """Bytes a decode step must read: every decoder weight once and the LM head, the vision tower
+    not. A token embedding is only looked up (one row) unless it is also the LM head (tied), when it
+    is read whole, once. The KV cache of a short prompt adds < 1% and is left out."""
     text = {id(p): p for n, p in model.named_parameters() if not n.startswith(VISION_PREFIXES)}
     tables = {id(m.weight): m.weight for n, m in model.named_modules()
               if isinstance(m, torch.nn.Embedding) and not n.startswith(VISION_PREFIXES)}
-    untied = any(isinstance(m, torch.nn.Linear) and id(m.weight) in text and id(m.weight) not in tables
-                 and any(m.out_features == t.shape[0] for t in tables.values()) for m in model.modules())
+    untied = any(isinstance(m, torch.nn.Linear) and id(m.weight) in text
+                 and id(m.weight) not in tables
+                 and any(m.out_features == t.shape[0] for t in tables.values())
+                 for m in model.modules())
     read = [p for i, p in text.items() if i not in tables or not untied]
     return sum(p.numel() * p.element_size() for p in read)
 
 
 def anonymous_mb():
-    """Resident memory that is not a file's pages (RssAnon). Weights used straight from a safetensors mmap are
-    file pages: the kernel shares them with its page cache and can drop them, so they are not in this number."""
+    """Resident memory that is not a file's pages (RssAnon). Weights used straight from a
+    safetensors mmap are file pages: the kernel shares them with its page cache and can drop them,
+    so they are not in this number."""
     status = Path("/proc/self/status")
     lines = status.read_text().splitlines() if status.exists() else []
-    return next((int(line.split()[1]) / 1024 for line in lines if line.startswith("RssAnon:")), float("nan"))
+    return next((int(line.split()[1]) / 1024 for line in lines if line.startswith("RssAnon:")),
+                float("nan"))
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("impl", choices=["ours", "hf"])
     p.add_argument("family", choices=sorted(PROMPTS))
     p.add_argument("checkpoint")
@@ -124,15 +137,19 @@ def main():
     run(a.impl, a.family, model, processor, 1, 2)  # warm-up
     t0, times, prompt = run(a.impl, a.family, model, processor, 1, a.new_tokens)
     ttfts = [times[0] - t0]
-    for _ in range(2):  # the time to the first token varies from run to run (page faults): the median of three
+    # the time to the first token varies from run to run (page faults): the median of three
+    for _ in range(2):
         start, first, _ = run(a.impl, a.family, model, processor, 1, 1)
         ttfts.append(first[0] - start)
     assert len(times) == a.new_tokens, f"generated {len(times)} of {a.new_tokens} tokens"
     _, times4, _ = run(a.impl, a.family, model, processor, 4, a.new_tokens)
     print(json.dumps({
-        "load_s": load_s, "ttft_s": statistics.median(ttfts), "decode_tok_s": (len(times) - 1) / (times[-1] - times[0]),
-        "batch4_tok_s": 4 * (len(times4) - 1) / (times4[-1] - times4[0]), "tokens": len(times), "prompt_tokens": prompt,
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "anon_mb": anonymous_mb(),
+        "load_s": load_s, "ttft_s": statistics.median(ttfts),
+        "decode_tok_s": (len(times) - 1) / (times[-1] - times[0]),
+        "batch4_tok_s": 4 * (len(times4) - 1) / (times4[-1] - times4[0]),
+        "tokens": len(times), "prompt_tokens": prompt,
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "anon_mb": anonymous_mb(),
         "decode_bytes": decode_bytes(model),
         "threads": torch.get_num_threads()}))
 

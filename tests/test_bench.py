@@ -1,4 +1,5 @@
-"""bench/ is run by hand (it is slow); here we only check that its scripts start and measure a tiny model."""
+"""bench/ is run by hand (it is slow); here we only check that its scripts start and measure a tiny
+model."""
 import json
 import subprocess
 import sys
@@ -12,32 +13,39 @@ from conftest import ROOT
 
 @pytest.mark.parametrize("script", ["compare.py", "measure.py", "bandwidth.py", "checkpoints.py"])
 def test_scripts_start(script):
-    r = subprocess.run([sys.executable, str(ROOT / "bench" / script), "--help"], capture_output=True, text=True)
+    r = subprocess.run([sys.executable, str(ROOT / "bench" / script), "--help"],
+                       capture_output=True, text=True)
     assert r.returncode == 0 and "usage" in r.stdout
 
 
 def test_measure_runs_on_a_tiny_checkpoint(tmp_path):
     folder = paligemma_fixture.build(tmp_path / "pg", "pg2", check=False, unreachable_eos=True)
-    r = subprocess.run([sys.executable, str(ROOT / "bench" / "measure.py"), "ours", "paligemma", str(folder),
-                        "--new-tokens", "6", "--threads", "1"], capture_output=True, text=True, timeout=300)
+    r = subprocess.run([sys.executable, str(ROOT / "bench" / "measure.py"), "ours", "paligemma",
+                        str(folder), "--new-tokens", "6", "--threads", "1"],
+                       capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     m = json.loads(r.stdout)
     assert m["tokens"] == 6 and m["decode_tok_s"] > 0 and m["ttft_s"] > 0 and m["peak_rss_mb"] > 0
     assert m["decode_bytes"] > 0 and 0 < m["anon_mb"] <= m["peak_rss_mb"]
 
 
-@pytest.mark.parametrize("family, variant, tied", [("paligemma", "pg2", True), ("smolvlm", "v1", False),
-                                                   ("perception_lm", "1b", True), ("perception_lm", "8b", False)])
+@pytest.mark.parametrize("family, variant, tied", [("paligemma", "pg2", True),
+                                                   ("smolvlm", "v1", False),
+                                                   ("perception_lm", "1b", True),
+                                                   ("perception_lm", "8b", False)])
 def test_decode_bytes_count_the_same_weights_in_both(tmp_path, family, variant, tied):
-    """The bandwidth column divides by these bytes: the decoder and the LM head, a token embedding only when it
-    is the head; the same count for our model and for transformers' on one checkpoint."""
+    """The bandwidth column divides by these bytes: the decoder and the LM head, a token embedding
+    only when it is the head; the same count for our model and for transformers' on one
+    checkpoint."""
     import importlib
     sys.path.insert(0, str(ROOT / "bench"))
     import measure
-    folder = importlib.import_module(f"{family}_fixture").build(tmp_path / variant, variant, check=False)
+    fixture = importlib.import_module(f"{family}_fixture")
+    folder = fixture.build(tmp_path / variant, variant, check=False)
     ours, _ = measure.load("ours", family, folder, torch.float32)
     hf, _ = measure.load("hf", family, folder, torch.float32)
     text = [p for n, p in ours.named_parameters() if not n.startswith(measure.VISION_PREFIXES)]
-    embedding = ours.get_submodule("model.text_model" if family == "smolvlm" else "language_model").embed_tokens.weight
+    text_model = "model.text_model" if family == "smolvlm" else "language_model"
+    embedding = ours.get_submodule(text_model).embed_tokens.weight
     expected = sum(p.numel() * 4 for p in text) - (0 if tied else embedding.numel() * 4)
     assert measure.decode_bytes(ours) == measure.decode_bytes(hf) == expected

@@ -1,5 +1,5 @@
-"""common.py on its own: masks, attention, RoPE, sampling, loading. (Its error messages are tested through the
-three CLIs and the API in test_errors.py.)"""
+"""common.py on its own: masks, attention, RoPE, sampling, loading. (Its error messages are tested
+through the three CLIs and the API in test_errors.py.)"""
 import json
 
 import torch
@@ -22,25 +22,24 @@ def test_make_mask_causal_and_pads():
     assert common.make_mask(full, 5) is common.CAUSAL  # prefill without pads: SDPA's causal kernel
     q, k, v = torch.randn(3, 2, 4, 5, 8).unbind(0)
     explicit = torch.ones(5, 5).tril().bool()
-    assert torch.allclose(common.attend(q, k, v, common.CAUSAL), common.attend(q, k, v, explicit), atol=1e-6)
+    assert torch.allclose(common.attend(q, k, v, common.CAUSAL), common.attend(q, k, v, explicit),
+                          atol=1e-6)
 
 
-def test_attend_softcap_path_equals_reference():
+def test_attend_grouped_query_equals_repeated_heads():
     torch.manual_seed(0)
     q, k, v = torch.randn(2, 4, 5, 8), torch.randn(2, 2, 7, 8), torch.randn(2, 2, 7, 8)
     mask = common.make_mask(torch.tensor([[1] * 7, [0, 0] + [1] * 5]).bool(), 5)
     kr, vr = k.repeat_interleave(2, 1), v.repeat_interleave(2, 1)
-    s = torch.tanh(q @ kr.transpose(-1, -2) * 0.3 / 5.0) * 5.0
-    ref = s.masked_fill(~mask, float("-inf")).softmax(-1) @ vr
-    assert torch.allclose(common.attend(q, k, v, mask, 0.3, softcap=5.0), ref, atol=1e-6)
-    sdpa_ref = (q @ kr.transpose(-1, -2) * 0.3).masked_fill(~mask, float("-inf")).softmax(-1) @ vr
-    assert torch.allclose(common.attend(q, k, v, mask, 0.3), sdpa_ref, atol=1e-5)
+    ref = (q @ kr.transpose(-1, -2) * 0.3).masked_fill(~mask, float("-inf")).softmax(-1) @ vr
+    assert torch.allclose(common.attend(q, k, v, mask, 0.3), ref, atol=1e-5)
 
 
 def test_rope_matches_transformers():
     from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply_rotary_pos_emb
     from transformers import LlamaConfig
-    cfg = LlamaConfig(hidden_size=64, num_attention_heads=2, rope_theta=500000.0, max_position_embeddings=64)
+    cfg = LlamaConfig(hidden_size=64, num_attention_heads=2, rope_theta=500000.0,
+                      max_position_embeddings=64)
     rot = LlamaRotaryEmbedding(cfg)
     pos = torch.tensor([[0, 1, 5, 40]])
     x = torch.randn(1, 1, 4, 32)
@@ -48,20 +47,44 @@ def test_rope_matches_transformers():
     ref, _ = apply_rotary_pos_emb(x, x, cos, sin)
     c2, s2 = common.rope_cos_sin(common.rope_inv_freq(32, 500000.0), pos, torch.float32)
     assert torch.allclose(common.apply_rope(x, c2, s2), ref, atol=1e-6)
-    assert common.rope_theta({"rope_theta": 5.0}) == common.rope_theta({"rope_parameters": {"rope_theta": 5.0}}) == 5.0
+    nested = {"rope_parameters": {"rope_theta": 5.0}}
+    assert common.rope_theta({"rope_theta": 5.0}) == common.rope_theta(nested) == 5.0
 
 
 def test_linear_is_x_times_w_transposed():
-    """The decoders' linear(): F.linear itself in fp32 (bit for bit); in bf16 the matrix-vector route for a few
-    rows agrees with F.linear to bf16 rounding, for every row count and leading shape a decoder passes."""
+    """The decoders' Linear: F.linear itself in fp32 (bit for bit); in bf16 the matrix-vector route
+    for a few rows agrees with F.linear to bf16 rounding, for every row count and leading shape a
+    decoder passes."""
     torch.manual_seed(0)
-    w = torch.randn(48, 32)
+    layer = common.Linear(32, 48, bias=False)
+    # exact in both dtypes: the layer switches between them
+    w = torch.randn(48, 32).bfloat16().float()
+    layer.weight.data = w.clone()
     for shape in [(1, 1, 32), (4, 1, 32), (2, 3, 32), (1, 40, 32), (5, 32)]:
         x = torch.randn(shape)
-        assert torch.equal(common.linear(x, w), torch.nn.functional.linear(x, w))
-        ours, ref = common.linear(x.bfloat16(), w.bfloat16()), torch.nn.functional.linear(x.bfloat16(), w.bfloat16())
+        with torch.no_grad():
+            assert torch.equal(layer.float()(x), torch.nn.functional.linear(x, w))
+            ours = layer.bfloat16()(x.bfloat16())
+        ref = torch.nn.functional.linear(x.bfloat16(), w.bfloat16())
         assert ours.shape == ref.shape and ours.dtype == torch.bfloat16 and ours.is_contiguous()
         assert (ours.float() - ref.float()).abs().max() <= 0.02 * ref.float().abs().max()
+
+
+def test_load_weights_ties_shared_parameters(tmp_path):
+    """A parameter the model uses under two names (a tied output head) is read once, under its first
+    name, and stays one parameter after loading."""
+    class TiedHead(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = nn.Embedding(5, 3)
+            self.head = common.Linear(3, 5, bias=False)
+            self.head.weight = self.embed.weight
+
+    weight = torch.randn(5, 3)
+    save_file({"embed.weight": weight}, tmp_path / "model.safetensors")
+    m = common.load_weights(TiedHead, tmp_path, lambda k: k, dtype=torch.float32)
+    assert m.head.weight is m.embed.weight and torch.equal(m.head.weight, weight)
+    assert len(list(m.parameters())) == 1
 
 
 def test_kv_cache_writes_in_place():
@@ -84,18 +107,23 @@ def test_sampling():
     assert set(draws[:, 0].tolist()) == {1}  # the best token alone already has mass >= 0.5
     draws = torch.stack([common.sample(logits, 1.0, top_p=0.9, generator=g) for _ in range(300)])
     assert set(draws[:, 0].tolist()) == {1, 2}
-    # a big vocabulary whose 1024 most likely tokens hold only 65% of the mass: the nucleus (p = 0.9) is the first
-    # 2164 tokens (the fewest with (1 - exp(-0.001 n)) / (1 - exp(-4.096)) >= 0.9), found past the first 1024
-    draws = common.sample((-0.001 * torch.arange(4096.0)).expand(500, -1), 1.0, top_p=0.9, generator=g)
+    # a big vocabulary whose 1024 most likely tokens hold only 65% of the mass: the nucleus
+    # (p = 0.9) is the first 2164 tokens (the fewest with
+    # (1 - exp(-0.001 n)) / (1 - exp(-4.096)) >= 0.9), found past the first 1024
+    big = (-0.001 * torch.arange(4096.0)).expand(500, -1)
+    draws = common.sample(big, 1.0, top_p=0.9, generator=g)
     assert draws.max() <= 2163 and (draws >= 1024).any()
 
 
 def test_generate_loop_stops_rows_and_pads():
-    steps = iter([torch.tensor([[0.0, 0, 9, 0], [0, 0, 0, 9]]), torch.tensor([[0.0, 0, 0, 9], [9.0, 0, 0, 0]])])
+    steps = iter([torch.tensor([[0.0, 0, 9, 0], [0, 0, 0, 9]]),
+                  torch.tensor([[0.0, 0, 0, 9], [9.0, 0, 0, 0]])])
     first = torch.tensor([[9.0, 0, 0, 0], [0, 0, 9.0, 0]])
     seen = []
-    out = common.generate(lambda tok: next(steps), first, 10, stop=[3], pad_id=0, stream=seen.append)
-    assert out.tolist() == [[0, 2, 3], [2, 3, 0]]  # row 1 stops at 3 and is padded after; then row 0 stops
+    out = common.generate(lambda tok: next(steps), first, 10, stop=[3], pad_id=0,
+                          stream=seen.append)
+    # row 1 stops at 3 and is padded after; then row 0 stops
+    assert out.tolist() == [[0, 2, 3], [2, 3, 0]]
     assert len(seen) == 3
 
 
@@ -110,7 +138,8 @@ def test_load_weights(tmp_path):
     save_file(good, tmp_path / "model.safetensors")
     m = common.load_weights(Tiny, tmp_path, lambda k: k, dtype=torch.float32)
     assert torch.equal(m.a.weight, good["a.weight"]) and m.a.weight.device.type == "cpu"
-    fast_bf16 = torch.cpu._is_avx512_bf16_supported()  # the default dtype: bf16 only where bf16 products are fast
+    # the default dtype: bf16 only where bf16 products are fast
+    fast_bf16 = torch.cpu._is_avx512_bf16_supported()
     m = common.load_weights(Tiny, tmp_path, lambda k: k, device="cpu")
     assert m.a.weight.dtype == (torch.bfloat16 if fast_bf16 else torch.float32)
     m = common.load_weights(Tiny, tmp_path, lambda k: k, dtype="bfloat16")
@@ -119,18 +148,19 @@ def test_load_weights(tmp_path):
 
 
 def test_load_weights_layout(tmp_path, monkeypatch):
-    """fp32 decoder matrices are stored column-major only where bf16 is slow (AVX2-class CPUs, where the GEMV
-    gains from it); the values are the same either way."""
+    """fp32 decoder matrices are stored column-major only where bf16 is slow (AVX2-class CPUs, where
+    the GEMV gains from it); the values are the same either way."""
     w = torch.randn(6, 3)  # tall: (out, in) with out >= in
     save_file({"a.weight": w}, tmp_path / "model.safetensors")
     for fast_bf16, stride in ((False, (1, 6)), (True, (3, 1))):
         monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: fast_bf16)
-        m = common.load_weights(lambda: nn.ModuleDict({"a": nn.Linear(3, 6, bias=False)}), tmp_path, lambda k: k,
-                                device="cpu", dtype=torch.float32)
+        m = common.load_weights(lambda: nn.ModuleDict({"a": nn.Linear(3, 6, bias=False)}), tmp_path,
+                                lambda k: k, device="cpu", dtype=torch.float32)
         assert torch.equal(m["a"].weight, w) and m["a"].weight.stride() == stride
 
 
 def test_stop_ids_union(tmp_path):
-    (tmp_path / "config.json").write_text(json.dumps({"eos_token_id": 1, "text_config": {"eos_token_id": [1, 107]}}))
+    config = {"eos_token_id": 1, "text_config": {"eos_token_id": [1, 107]}}
+    (tmp_path / "config.json").write_text(json.dumps(config))
     (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [5]}))
     assert common.stop_ids(tmp_path, 9, None) == [1, 5, 9, 107]

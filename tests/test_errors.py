@@ -1,14 +1,15 @@
-"""Bad input and hostile files across paligemma.py, smolvlm.py and perception_lm.py: one clear line, exit code 1,
-nothing lost.
+"""Bad input and hostile files across paligemma.py, smolvlm.py and perception_lm.py: one clear line,
+exit code 1, nothing lost.
 
-Every case runs the real CLI (in this process through common.run_cli, which is what `python <file>.py` runs; as a
-real process for a few, among them bytes that are not UTF-8 in argv) or the Python API, and asserts exit code 1,
-exactly one stderr line `error: ...` saying what is wrong, and nothing on stdout; the API raises common.VLMError
-with the same message. Accepted image formats run the CLI to the end and are converted as transformers converts
-them. A case that applies to several files is parametrized over them (video cases: SmolVLM2 and PerceptionLM).
+Every case runs the real CLI (in this process through common.run_cli, which is what
+`python <file>.py` runs; as a real process for a few, among them bytes that are not UTF-8 in argv)
+or the Python API, and asserts exit code 1, exactly one stderr line `error: ...` saying what is
+wrong, and nothing on stdout; the API raises common.VLMError with the same message. Accepted image
+formats run the CLI to the end and are converted as transformers converts them. A case that applies
+to several files is parametrized over them (video cases: SmolVLM2 and PerceptionLM).
 
-The checkpoints are the per-family test fixtures; test_<family>.py proves that transformers loads them cleanly,
-so here they are built without that check (check=False), once per session."""
+The checkpoints are the per-family test fixtures; test_<family>.py proves that transformers loads
+them cleanly, so here they are built without that check (check=False), once per session."""
 import io
 import json
 import os
@@ -33,27 +34,34 @@ import smolvlm
 import smolvlm_fixture
 from common import VLMError
 from conftest import ROOT
-from helpers import (assert_fails, assert_same_inputs, cli_in_process, make_audio, make_video,  # noqa: F401
-                     one_thread, run_cli)
+from helpers import (assert_fails, assert_same_inputs, cli_in_process,  # noqa: F401
+                     make_audio, make_video, one_thread, run_cli)
 from hub import save_safetensors
 
 FAMILIES = ["paligemma", "smolvlm", "perception_lm"]
 VIDEO = ["smolvlm", "perception_lm"]  # SmolVLM2 and PerceptionLM take videos
 MODULES = {"paligemma": paligemma, "smolvlm": smolvlm, "perception_lm": perception_lm}
 IMAGE_TOKEN = {"paligemma": "<image>", "smolvlm": "<image>", "perception_lm": "<|image|>"}
-# What differs per family: a weight and the decoder's final norm (hub names), a prompt longer than the fixture's
-# context, the flags for a prompt with two image placeholders for one image, and what the processor says to it.
+# What differs per family: a weight and the decoder's final norm (hub names), a prompt longer than
+# the fixture's context, the flags for a prompt with two image placeholders for one image, and what
+# the processor says to it.
 SPEC = {
-    "paligemma": dict(key="multi_modal_projector.linear.bias", norm="language_model.model.norm.weight", name="PaliGemma",
+    "paligemma": dict(key="multi_modal_projector.linear.bias",
+                      norm="language_model.model.norm.weight", name="PaliGemma",
                       long_prompt="x" * 9000, two_placeholders=["--prompt", "<image><image>two?"],
-                      placeholder_error="the prompts have 2 <image> placeholders but 1 images were given"),
-    "smolvlm": dict(key="model.connector.modality_projection.proj.weight", norm="model.text_model.norm.weight",
-                    name="SmolVLM", long_prompt="cow " * 9000, two_placeholders=["--raw", "--prompt", "<image><image>two?"],
-                    placeholder_error="the prompts have [2] <image> placeholders but [1] images were given (per prompt)"),
-    "perception_lm": dict(key="model.multi_modal_projector.linear_1.bias", norm="model.language_model.norm.weight",
+                      placeholder_error="the prompts have 2 <image> placeholders but 1 images "
+                                        "were given"),
+    "smolvlm": dict(key="model.connector.modality_projection.proj.weight",
+                    norm="model.text_model.norm.weight", name="SmolVLM", long_prompt="cow " * 9000,
+                    two_placeholders=["--raw", "--prompt", "<image><image>two?"],
+                    placeholder_error="the prompts have [2] <image> placeholders but [1] images "
+                                      "were given (per prompt)"),
+    "perception_lm": dict(key="model.multi_modal_projector.linear_1.bias",
+                          norm="model.language_model.norm.weight",
                           name="PerceptionLM", long_prompt="word " * 12000,
                           two_placeholders=["--raw", "--prompt", "<|image|><|image|>two?"],
-                          placeholder_error="the prompts have 2 <|image|> placeholders but 1 images were given"),
+                          placeholder_error="the prompts have 2 <|image|> placeholders but 1 "
+                                            "images were given"),
 }
 
 
@@ -62,7 +70,8 @@ def ckpt(tmp_path_factory):
     root = tmp_path_factory.mktemp("errors_ckpt")
     return {"paligemma": paligemma_fixture.build(root / "pg1", "pg1", check=False),
             "smolvlm": smolvlm_fixture.build(root / "v2", "v2", check=False),
-            "smolvlm1": smolvlm_fixture.build(root / "v1", "v1", check=False),  # SmolVLM 1: no video
+            # SmolVLM 1: no video
+            "smolvlm1": smolvlm_fixture.build(root / "v1", "v1", check=False),
             "perception_lm": perception_lm_fixture.build(root / "1b", "1b", check=False)}
 
 
@@ -72,11 +81,13 @@ def loaded(ckpt):
 
 
 def derived(src, dst, drop=(), files=None, state=None):
-    """A checkpoint directory like `src` (its files linked, not copied), without the files in `drop`, with the
-    text `files` (name -> str) written, and with `state` as its weights when given."""
+    """A checkpoint directory like `src` (its files linked, not copied), without the files in
+    `drop`, with the text `files` (name -> str) written, and with `state` as its weights when
+    given."""
     dst.mkdir(parents=True)
     for f in Path(src).iterdir():
-        if f.name not in drop and f.name not in (files or {}) and not (state is not None and f.name == "model.safetensors"):
+        if (f.name not in drop and f.name not in (files or {})
+                and not (state is not None and f.name == "model.safetensors")):
             (dst / f.name).symlink_to(f)
     for name, text in (files or {}).items():
         (dst / name).write_text(text, encoding="utf-8")
@@ -98,11 +109,14 @@ def media(tmp_path_factory):
     # bad images
     (d / "zero.jpg").write_bytes(b"")
     base.save(d / "full.jpg", quality=95)
-    (d / "cut.jpg").write_bytes((d / "full.jpg").read_bytes()[:len((d / "full.jpg").read_bytes()) // 2])
+    full = (d / "full.jpg").read_bytes()
+    (d / "cut.jpg").write_bytes(full[:len(full) // 2])
     (d / "cut.png").write_bytes(f["base"].read_bytes()[:len(f["base"].read_bytes()) // 2])
     (d / "notes.jpg").write_text("not an image, just text\n")
-    (d / "bomb.png").write_bytes(png_header(100_000, 100_000))  # 10 gigapixels declared, a few bytes of data
-    (d / "big.png").write_bytes(png_header(12_000, 10_000))  # 120 megapixels: PIL only warns, then no data
+    # 10 gigapixels declared, a few bytes of data
+    (d / "bomb.png").write_bytes(png_header(100_000, 100_000))
+    # 120 megapixels: PIL only warns, then no data
+    (d / "big.png").write_bytes(png_header(12_000, 10_000))
     # accepted images
     rgba = base.copy()
     rgba.putalpha(Image.fromarray(rng.integers(0, 256, (40, 60), dtype=np.uint8)))
@@ -127,10 +141,12 @@ def media(tmp_path_factory):
     # videos
     f["clip"] = make_video(d / "clip.mp4", 20, 10, size=(16, 16))
     mp4 = f["clip"].read_bytes()
-    (d / "cut.mp4").write_bytes(mp4[:int(len(mp4) * 0.6)])  # mp4 keeps its index at the end: cut, it is gone
+    # mp4 keeps its index at the end: cut, it is gone
+    (d / "cut.mp4").write_bytes(mp4[:int(len(mp4) * 0.6)])
     mkv = make_video(d / "clip.mkv", 20, 10, size=(16, 16)).read_bytes()
     (d / "cut.mkv").write_bytes(mkv[:int(len(mkv) * 0.8)])  # Matroska decodes up to the cut
-    (d / "empty.mkv").write_bytes(mkv[:mkv.index(bytes.fromhex("1F43B675")) + 4])  # the header, cut at the first cluster
+    # the header, cut at the first cluster
+    (d / "empty.mkv").write_bytes(mkv[:mkv.index(bytes.fromhex("1F43B675")) + 4])
     (d / "notes.mp4").write_text("not a video, just text\n")
     make_audio(d / "voice.m4a")
     return f
@@ -140,13 +156,18 @@ def png_header(w, h):
     """A PNG declaring w x h pixels with a few bytes of pixel data."""
     import struct
     import zlib
-    chunk = lambda kind, data: struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    def chunk(kind, data):
+        crc = struct.pack(">I", zlib.crc32(kind + data))
+        return struct.pack(">I", len(data)) + kind + data + crc
+
     return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0))
             + chunk(b"IDAT", zlib.compress(b"\0" * 10)) + chunk(b"IEND", b""))
 
 
 def cli(family, ckpt, *args, model=None):
-    return cli_in_process(MODULES[family], "--model", model or ckpt[family], "--max-new-tokens", "2", *args)
+    return cli_in_process(MODULES[family], "--model", model or ckpt[family],
+                          "--max-new-tokens", "2", *args)
 
 
 # ----------------------------------------------------------------------------- images
@@ -159,7 +180,8 @@ BAD_IMAGES = {  # file -> what the one line says (after "image <path> cannot be 
     "truncated PNG": ("cut.png", "image file is truncated"),
     "text file named .jpg": ("notes.jpg", "cannot identify image file"),
     "decompression bomb": ("bomb.png", "could be decompression bomb"),
-    "120 MP declared, no data": ("big.png", "image file is truncated"),  # PIL's warning must not add a line
+    # PIL's warning must not add a line
+    "120 MP declared, no data": ("big.png", "image file is truncated"),
 }
 
 
@@ -178,18 +200,21 @@ def test_bad_image_file(family, case, ckpt, media):
 
 def image_call(family, images, text=None):
     """The processor arguments for one prompt with these images."""
-    text = text or ("caption en" if family == "paligemma" else IMAGE_TOKEN[family] * len(images) + "x")
+    text = text or ("caption en" if family == "paligemma"
+                    else IMAGE_TOKEN[family] * len(images) + "x")
     return dict(text=[text], images=images if family == "perception_lm" else [images])
 
 
 @pytest.mark.parametrize("image", ["empty PIL image", "RGBA array"])
 @pytest.mark.parametrize("family", FAMILIES)
 def test_bad_image_object_in_the_api(family, image, loaded):
-    """Through the API an image may be a PIL image or an (H, W, 3) array: an empty one or a 4-channel array is
-    refused in one line, not turned into a wrong tensor or a traceback deep in a resize."""
+    """Through the API an image may be a PIL image or an (H, W, 3) array: an empty one or a
+    4-channel array is refused in one line, not turned into a wrong tensor or a traceback deep in a
+    resize."""
     im, shape = (Image.new("RGB", (0, 5)), "(5, 0, 3)") if image == "empty PIL image" else \
         (np.zeros((8, 8, 4), np.uint8), "(8, 8, 4)")
-    with pytest.raises(VLMError, match=re.escape(f"an image must be (H, W, 3) pixels with H, W > 0, got shape {shape}")):
+    message = f"an image must be (H, W, 3) pixels with H, W > 0, got shape {shape}"
+    with pytest.raises(VLMError, match=re.escape(message)):
         loaded[family][1](**image_call(family, [im]))
 
 
@@ -208,24 +233,30 @@ def first_gif_frame(path):
     with Image.open(path) as im:
         first = convert_to_rgb(im, return_numpy=True)
         im.seek(1)
-        assert not np.array_equal(first, convert_to_rgb(im, return_numpy=True))  # taking frame 2 would fail
+        # taking frame 2 would fail
+        assert not np.array_equal(first, convert_to_rgb(im, return_numpy=True))
     return first
 
 
-# file -> the reference our processor output must equal: transformers' own conversion (convert_to_rgb on the
-# opened file, load_image for EXIF), transformers' processor ("hf"), or the same image saved as PNG ("base").
+# file -> the reference our processor output must equal: transformers' own conversion
+# (convert_to_rgb on the opened file, load_image for EXIF), transformers' processor ("hf"), or the
+# same image saved as PNG ("base").
 ACCEPTED = {
-    "RGBA": ("rgba.png", rgb), "LA": ("la.png", rgb), "P with transparency": ("p.png", rgb), "L": ("l.png", rgb),
-    "1 (bilevel)": ("bilevel.png", rgb), "I;16": ("i16.png", rgb), "CMYK": ("cmyk.jpg", rgb),
+    "RGBA": ("rgba.png", rgb), "LA": ("la.png", rgb), "P with transparency": ("p.png", rgb),
+    "L": ("l.png", rgb), "1 (bilevel)": ("bilevel.png", rgb), "I;16": ("i16.png", rgb),
+    "CMYK": ("cmyk.jpg", rgb),
     "EXIF-rotated JPEG": ("exif.jpg", exif_upright),
-    "1x1": ("one.png", "hf"), "4000x20": ("wide.png", "hf"), "GIF (first frame)": ("anim.gif", first_gif_frame),
-    "WEBP": ("lossless.webp", "base"), "BMP": ("b.bmp", "base"), "PNG named .jpg": ("png_named.jpg", "base"),
+    "1x1": ("one.png", "hf"), "4000x20": ("wide.png", "hf"),
+    "GIF (first frame)": ("anim.gif", first_gif_frame),
+    "WEBP": ("lossless.webp", "base"), "BMP": ("b.bmp", "base"),
+    "PNG named .jpg": ("png_named.jpg", "base"),
     "spaces, non-ASCII path": ("dir with spaces é 猫/photo ü.png", "base"),
 }
 
 
-MODES = {"RGBA": "RGBA", "LA": "LA", "P with transparency": "P", "L": "L", "1 (bilevel)": "1", "I;16": "I;16",
-         "CMYK": "CMYK", "GIF (first frame)": "P"}  # what PIL opens each file as: the case tests what it says
+# what PIL opens each file as: the case tests what it says
+MODES = {"RGBA": "RGBA", "LA": "LA", "P with transparency": "P", "L": "L", "1 (bilevel)": "1",
+         "I;16": "I;16", "CMYK": "CMYK", "GIF (first frame)": "P"}
 
 
 @pytest.fixture(scope="session")
@@ -240,21 +271,27 @@ def test_accepted_image(family, case, ckpt, media, loaded, request):
     name, reference = ACCEPTED[case]
     path = media["dir"] / name
     with Image.open(path) as im:
-        assert im.mode == MODES.get(case, "RGB") and (case != "P with transparency" or "transparency" in im.info)
+        assert (im.mode == MODES.get(case, "RGB")
+                and (case != "P with transparency" or "transparency" in im.info))
     r = cli(family, ckpt, "--image", path)
-    assert r.returncode == 0 and r.stderr == "" and r.stdout.endswith("\n"), r.stderr  # the answer, streamed
+    # the answer, streamed
+    assert r.returncode == 0 and r.stderr == "" and r.stdout.endswith("\n"), r.stderr
     proc = loaded[family][1]
     ours = proc(**image_call(family, [path]))
-    if reference == "hf":  # transformers' processor on the image opened by PIL: equal, shapes and values
+    if reference == "hf":
+        # transformers' processor on the image opened by PIL: equal, shapes and values
         hproc = request.getfixturevalue("hf_processors")[family]
-        theirs = hproc(**image_call(family, [Image.open(path).convert("RGB")]), return_tensors="pt", padding=True)
+        theirs = hproc(**image_call(family, [Image.open(path).convert("RGB")]), return_tensors="pt",
+                       padding=True)
         assert_same_inputs(ours, theirs)
     else:  # our conversion equals the reference, and so do the pixels the processor makes of it
         expected = np.asarray(Image.open(media["base"])) if reference == "base" else reference(path)
         assert np.array_equal(common.image_tensor(path).permute(1, 2, 0).numpy(), expected)
-        assert torch.equal(ours["pixel_values"], proc(**image_call(family, [expected]))["pixel_values"])
+        of_expected = proc(**image_call(family, [expected]))
+        assert torch.equal(ours["pixel_values"], of_expected["pixel_values"])
         if case == "EXIF-rotated JPEG":
-            assert expected.shape[:2] == (60, 40)  # upright: the stored 60x40 picture displays 40 wide, 60 tall
+            # upright: the stored 60x40 picture displays 40 wide, 60 tall
+            assert expected.shape[:2] == (60, 40)
 
 
 # ----------------------------------------------------------------------------- videos
@@ -279,10 +316,12 @@ def test_bad_video(family, case, ckpt, media):
 
 
 VIDEO_FLAGS = {  # family, flags (a clip is added with {clip}), message
-    "SmolVLM 1 given a video": ("smolvlm1", ["--video", "{clip}"], "this SmolVLM 1 checkpoint does not take videos"),
+    "SmolVLM 1 given a video": ("smolvlm1", ["--video", "{clip}"],
+                                "this SmolVLM 1 checkpoint does not take videos"),
     "image and video at once": ("smolvlm", ["--video", "{clip}", "--image", "{good}"],
                                 "give images or videos in one call, not both"),
-    "smolvlm --num-frames 0": ("smolvlm", ["--video", "{clip}", "--num-frames", "0"], "error: num-frames must be positive, got 0"),
+    "smolvlm --num-frames 0": ("smolvlm", ["--video", "{clip}", "--num-frames", "0"],
+                               "error: num-frames must be positive, got 0"),
     "perception_lm --num-frames 0": ("perception_lm", ["--video", "{clip}", "--num-frames", "0"],
                                      "error: num-frames must be positive, got 0"),
 }
@@ -304,9 +343,11 @@ def long_video(tmp_path_factory):
 
 
 @pytest.mark.parametrize("family", VIDEO)
-def test_long_video_is_sampled_without_decoding_it_into_memory(family, loaded, long_video, monkeypatch):
-    """The decoder must run up to the last sampled frame (a codec decodes in order) but only the sampled frames may
-    become pixel arrays, and decoding stops there: memory holds the samples, never the video."""
+def test_long_video_is_sampled_without_decoding_it_into_memory(family, loaded, long_video,
+                                                               monkeypatch):
+    """The decoder must run up to the last sampled frame (a codec decodes in order) but only the
+    sampled frames may become pixel arrays, and decoding stops there: memory holds the samples,
+    never the video."""
     counts = {"decoded": 0, "to_ndarray": 0}
     real_open = av.open
 
@@ -353,45 +394,56 @@ def test_long_video_is_sampled_without_decoding_it_into_memory(family, loaded, l
 def bad_checkpoint(case, family, src, dst):
     """-> (the --model value, what the line says) for a broken checkpoint written under dst."""
     key = SPEC[family]["key"]
-    other = {"paligemma": "smolvlm", "smolvlm": "perception_lm", "perception_lm": "paligemma"}[family]
+    other = {"paligemma": "smolvlm", "smolvlm": "perception_lm",
+             "perception_lm": "paligemma"}[family]
     if case == "missing dir":
-        return dst / "nowhere", f"{dst / 'nowhere'} is not a checkpoint directory nor a hub repo id (org/name)"
+        message = f"{dst / 'nowhere'} is not a checkpoint directory nor a hub repo id (org/name)"
+        return dst / "nowhere", message
     if case == "empty dir":
         dst.mkdir()
         return dst, f"{dst / 'config.json'} not found"
     if case == "another family":
         return src[other], f"holds a {other!r} checkpoint, not {SPEC[family]['name']}"
     if case == "invalid config.json":  # an error page saved as config.json
-        return derived(src[family], dst, files={"config.json": "<!DOCTYPE html><html>404</html>"}), \
-            f"{dst / 'config.json'} is not valid JSON (Expecting value: line 1 column 1"
+        files = {"config.json": "<!DOCTYPE html><html>404</html>"}
+        return (derived(src[family], dst, files=files),
+                f"{dst / 'config.json'} is not valid JSON (Expecting value: line 1 column 1")
     if case == "truncated safetensors":
         data = (src[family] / "model.safetensors").read_bytes()
         derived(src[family], dst, drop=["model.safetensors"])
         (dst / "model.safetensors").write_bytes(data[:len(data) // 2])
-        return dst, f"cannot read weights {dst / 'model.safetensors'}: Error while deserializing header"
+        return dst, (f"cannot read weights {dst / 'model.safetensors'}: "
+                     "Error while deserializing header")
     if case == "a missing shard":  # two shards and their index, the second one not there
         derived(src[family], dst, drop=["model.safetensors"])
         save_safetensors(load_file(src[family] / "model.safetensors"), dst, shards=2)
         (dst / "model-00002-of-00002.safetensors").unlink()
-        return dst, f"cannot read weights {dst}/model-00002-of-00002.safetensors: No such file or directory"
+        return dst, (f"cannot read weights {dst}/model-00002-of-00002.safetensors: "
+                     "No such file or directory")
     state = load_file(src[family] / "model.safetensors")
-    if case == "missing tensor":  # named by its module path: PerceptionLM's drops the checkpoint's "model."
+    if case == "missing tensor":
+        # named by its module path: PerceptionLM's drops the checkpoint's "model."
         del state[key]
-        return derived(src[family], dst, state=state), f"weight {key.replace('model.multi', 'multi')} is missing from {dst}"
+        name = key.replace('model.multi', 'multi')
+        return derived(src[family], dst, state=state), f"weight {name} is missing from {dst}"
     if case == "extra tensor":
         state["model.extra_head.weight"] = torch.zeros(2, 2)
-        return derived(src[family], dst, state=state), "unexpected tensor model.extra_head.weight in model.safetensors"
+        return (derived(src[family], dst, state=state),
+                "unexpected tensor model.extra_head.weight in model.safetensors")
     if case == "mis-shaped tensor":
         expected = tuple(state[key].shape)
         state[key] = torch.zeros(3)
-        return derived(src[family], dst, state=state), f"tensor {key} has shape (3,), expected {expected}"
+        return (derived(src[family], dst, state=state),
+                f"tensor {key} has shape (3,), expected {expected}")
     if case == "no tokenizer.json":
-        return derived(src[family], dst, drop=["tokenizer.json"]), f"{dst / 'tokenizer.json'} cannot be read (No such file"
+        return (derived(src[family], dst, drop=["tokenizer.json"]),
+                f"{dst / 'tokenizer.json'} cannot be read (No such file")
     raise KeyError(case)
 
 
-CHECKPOINTS = ["missing dir", "empty dir", "another family", "invalid config.json", "truncated safetensors",
-               "a missing shard", "missing tensor", "extra tensor", "mis-shaped tensor", "no tokenizer.json"]
+CHECKPOINTS = ["missing dir", "empty dir", "another family", "invalid config.json",
+               "truncated safetensors", "a missing shard", "missing tensor", "extra tensor",
+               "mis-shaped tensor", "no tokenizer.json"]
 
 
 @pytest.mark.parametrize("case", CHECKPOINTS)
@@ -403,12 +455,14 @@ def test_bad_checkpoint(family, case, ckpt, media, tmp_path):
 
 @pytest.fixture
 def hub(monkeypatch, tmp_path):
-    """huggingface_hub offline, with an empty cache; a helper makes snapshot_download raise a given error."""
+    """huggingface_hub offline, with an empty cache; a helper makes snapshot_download raise a given
+    error."""
     import huggingface_hub
     from huggingface_hub import constants
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
-    response = type("R", (), {"status_code": 403, "headers": {}, "request": None, "url": "u", "json": lambda s: {}})()
+    response = type("R", (), {"status_code": 403, "headers": {}, "request": None, "url": "u",
+                              "json": lambda s: {}})()
 
     def fail_with(error_class):
         def download(*a, **k):
@@ -418,7 +472,8 @@ def hub(monkeypatch, tmp_path):
 
 
 HUB = {"not cached, HF_HUB_OFFLINE=1": None,
-       "gated, no token": "is gated: accept its licence at https://huggingface.co/plainvlm-tests/x, then `hf auth login`",
+       "gated, no token": ("is gated: accept its licence at "
+                           "https://huggingface.co/plainvlm-tests/x, then `hf auth login`"),
        "not found": "was not found on the Hugging Face Hub (private repos need a login)"}
 
 
@@ -427,13 +482,17 @@ HUB = {"not cached, HF_HUB_OFFLINE=1": None,
 def test_hub_repo_errors(family, case, hub, ckpt, media, tmp_path):
     from huggingface_hub import errors
     if case == "not cached, HF_HUB_OFFLINE=1":
-        message = "plainvlm-tests/x is not cached and the Hub cannot be reached (HF_HUB_OFFLINE is set, or no network)"
+        message = ("plainvlm-tests/x is not cached and the Hub cannot be reached "
+                   "(HF_HUB_OFFLINE is set, or no network)")
     else:
-        hub({"gated, no token": errors.GatedRepoError, "not found": errors.RepositoryNotFoundError}[case])
+        hub({"gated, no token": errors.GatedRepoError,
+             "not found": errors.RepositoryNotFoundError}[case])
         message = f"plainvlm-tests/x {HUB[case]}"
-    if (family, case) == ("paligemma", "not cached, HF_HUB_OFFLINE=1"):  # a real process, set up as a user would
+    if (family, case) == ("paligemma", "not cached, HF_HUB_OFFLINE=1"):
+        # a real process, set up as a user would
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "empty cache")}
-        r = run_cli(f"{family}.py", "--model", "plainvlm-tests/x", "--image", media["good"], env=env)
+        r = run_cli(f"{family}.py", "--model", "plainvlm-tests/x", "--image", media["good"],
+                    env=env)
     else:
         r = cli(family, ckpt, "--image", media["good"], model="plainvlm-tests/x")
     assert_fails(r, message)
@@ -449,10 +508,14 @@ FLAGS = {  # flags -> what the line says
     "--top-p 0": (["--top-p", "0", "--temperature", "1"], "top-p must be in (0, 1], got 0.0"),
     "--top-p 1.5": (["--top-p", "1.5", "--temperature", "1"], "top-p must be in (0, 1], got 1.5"),
     "--top-k 0": (["--top-k", "0", "--temperature", "1"], "top-k must be positive, got 0"),
-    "--dtype float64": (["--dtype", "float64"], "unknown dtype torch.float64 (use float32, bfloat16 or float16)"),
+    "--dtype float64": (["--dtype", "float64"],
+                        "unknown dtype torch.float64 (use float32, bfloat16 or float16)"),
     "--dtype bf16": (["--dtype", "bf16"], "unknown dtype bf16 (use float32, bfloat16 or float16)"),
-    "--device cuda without CUDA": (["--device", "cuda" if not torch.cuda.is_available() else "cuda:99"], "cannot be used ("),
-    "--device nonsense": (["--device", "gpu0"], "device gpu0 cannot be used (Invalid device string: 'gpu0')"),
+    "--device cuda without CUDA": (["--device",
+                                    "cuda" if not torch.cuda.is_available() else "cuda:99"],
+                                   "cannot be used ("),
+    "--device nonsense": (["--device", "gpu0"],
+                          "device gpu0 cannot be used (Invalid device string: 'gpu0')"),
 }
 
 
@@ -475,35 +538,47 @@ def test_bad_prompt(family, case, ckpt, media):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_prompt_not_utf8_real_process(family, ckpt, media):
-    """A shell passes the bytes of a Latin-1 terminal as they are; Python turns them into lone surrogates."""
-    r = run_cli(f"{family}.py", "--model", ckpt[family], "--image", media["good"], "--prompt", b"caf\xe9 au lait")
+    """A shell passes the bytes of a Latin-1 terminal as they are; Python turns them into lone
+    surrogates."""
+    r = run_cli(f"{family}.py", "--model", ckpt[family], "--image", media["good"],
+                "--prompt", b"caf\xe9 au lait")
     assert_fails(r, "the prompt is not valid UTF-8 text")
 
 
 PLACEHOLDERS = {  # (family, case) -> flags ({good}: an image, {clip}: a video), what the line says
-    ("paligemma", "image placeholder, no image"): (["--prompt", "<image>x"], "PaliGemma needs an image: pass --image FILE"),
-    ("smolvlm", "image placeholder, no image"): (["--raw", "--prompt", "<image>x"],
-                                                 "the prompts have 1 <image> placeholders but no images were given"),
-    ("perception_lm", "image placeholder, no image"): (["--raw", "--prompt", "<|image|>x"],
-                                                       "the prompts have 1 <|image|> placeholders but 0 images were given"),
-    ("smolvlm", "placeholder typed in a chat prompt"): (["--image", "{good}", "--prompt", "what is <image>?"],
-                                                        "the prompts have [2] <image> placeholders but [1] images"),
-    ("perception_lm", "placeholder typed in a chat prompt"): (["--image", "{good}", "--prompt", "what is <|image|>?"],
-                                                              "the prompts have 2 <|image|> placeholders but 1 images"),
-    ("perception_lm", "raw prompt without its placeholder"): (["--image", "{good}", "--raw", "--prompt", "no placeholder"],
-                                                              "the prompts have 0 <|image|> placeholders but 1 images"),
-    ("smolvlm", "two video placeholders, one video"): (["--video", "{clip}", "--raw", "--prompt", "<video><video>x"],
-                                                       "the prompts have 2 <video> placeholders but 1 videos were given"),
-    ("perception_lm", "two video placeholders, one video"): (["--video", "{clip}", "--raw", "--prompt", "<|video|><|video|>x"],
-                                                             "the prompts have 2 <|video|> placeholders but 1 videos were given"),
-    ("perception_lm", "--max-tiles 0"): (["--image", "{good}", "--max-tiles", "0"], "error: max-tiles must be positive, got 0"),
+    ("paligemma", "image placeholder, no image"):
+        (["--prompt", "<image>x"], "PaliGemma needs an image: pass --image FILE"),
+    ("smolvlm", "image placeholder, no image"):
+        (["--raw", "--prompt", "<image>x"],
+         "the prompts have 1 <image> placeholders but no images were given"),
+    ("perception_lm", "image placeholder, no image"):
+        (["--raw", "--prompt", "<|image|>x"],
+         "the prompts have 1 <|image|> placeholders but 0 images were given"),
+    ("smolvlm", "placeholder typed in a chat prompt"):
+        (["--image", "{good}", "--prompt", "what is <image>?"],
+         "the prompts have [2] <image> placeholders but [1] images"),
+    ("perception_lm", "placeholder typed in a chat prompt"):
+        (["--image", "{good}", "--prompt", "what is <|image|>?"],
+         "the prompts have 2 <|image|> placeholders but 1 images"),
+    ("perception_lm", "raw prompt without its placeholder"):
+        (["--image", "{good}", "--raw", "--prompt", "no placeholder"],
+         "the prompts have 0 <|image|> placeholders but 1 images"),
+    ("smolvlm", "two video placeholders, one video"):
+        (["--video", "{clip}", "--raw", "--prompt", "<video><video>x"],
+         "the prompts have 2 <video> placeholders but 1 videos were given"),
+    ("perception_lm", "two video placeholders, one video"):
+        (["--video", "{clip}", "--raw", "--prompt", "<|video|><|video|>x"],
+         "the prompts have 2 <|video|> placeholders but 1 videos were given"),
+    ("perception_lm", "--max-tiles 0"):
+        (["--image", "{good}", "--max-tiles", "0"], "error: max-tiles must be positive, got 0"),
 }
 
 
 @pytest.mark.parametrize("family, case", PLACEHOLDERS)
 def test_placeholders_and_family_flags(family, case, ckpt, media):
     args, message = PLACEHOLDERS[family, case]
-    assert_fails(cli(family, ckpt, *[a.format(good=media["good"], clip=media["clip"]) for a in args]), message)
+    args = [a.format(good=media["good"], clip=media["clip"]) for a in args]
+    assert_fails(cli(family, ckpt, *args), message)
 
 
 # ----------------------------------------------------------------------------- numerics
@@ -511,9 +586,10 @@ def test_placeholders_and_family_flags(family, case, ckpt, media):
 @pytest.mark.parametrize("cause", ["corrupted weight", "float16 overflow"])
 @pytest.mark.parametrize("family", FAMILIES)
 def test_non_finite_logits(family, cause, ckpt, media, tmp_path):
-    """NaN in a weight, or a final norm scaled so that activations pass float16's 65504 (the way Gemma 2 overflows
-    in float16): an error that names the cause and the fix, never silent output. The overflowing checkpoint runs
-    fine in float32 and bfloat16, which proves the cause is float16's range."""
+    """NaN in a weight, or a final norm scaled so that activations pass float16's 65504 (the way
+    Gemma 2 overflows in float16): an error that names the cause and the fix, never silent output.
+    The overflowing checkpoint runs fine in float32 and bfloat16, which proves the cause is
+    float16's range."""
     state, norm = load_file(ckpt[family] / "model.safetensors"), SPEC[family]["norm"]
     if cause == "corrupted weight":
         state[norm][0] = float("nan")
@@ -522,7 +598,8 @@ def test_non_finite_logits(family, cause, ckpt, media, tmp_path):
     bad = derived(ckpt[family], tmp_path / "ckpt", state=state)
     dtype = "float16" if cause == "float16 overflow" else "float32"
     assert_fails(cli(family, ckpt, "--image", media["good"], "--dtype", dtype, model=bad),
-                 "the model produced non-finite logits: a float16 overflow (use --dtype bfloat16 or float32) or corrupted weights")
+                 "the model produced non-finite logits: a float16 overflow "
+                 "(use --dtype bfloat16 or float32) or corrupted weights")
     if cause == "float16 overflow":
         for dtype in ("float32", "bfloat16"):
             r = cli(family, ckpt, "--image", media["good"], "--dtype", dtype, model=bad)
@@ -549,17 +626,18 @@ def test_pickle_weights_are_refused_never_unpickled(family, ckpt, media, tmp_pat
     bad = derived(ckpt[family], tmp_path / "ckpt", drop=["model.safetensors"])
     (bad / "pytorch_model.bin").write_bytes(pickle.dumps(Payload(marker)))
     assert_fails(cli(family, ckpt, "--image", media["good"], model=bad),
-                 f"no model.safetensors in {bad} (its *.bin pickle weights are never loaded, for safety)")
+                 f"no model.safetensors in {bad} "
+                 "(its *.bin pickle weights are never loaded, for safety)")
     assert not marker.exists()
 
 
 @pytest.mark.parametrize("family", VIDEO)  # the chat families
 def test_chat_template_cannot_reach_python_internals(family, ckpt, media, tmp_path):
-    """The checkpoint's chat template is rendered in Jinja's sandbox: attribute access to Python internals fails
-    in one line instead of walking to os or subprocess."""
+    """The checkpoint's chat template is rendered in Jinja's sandbox: attribute access to Python
+    internals fails in one line instead of walking to os or subprocess."""
     template = "{{ ''.__class__.__mro__[1].__subclasses__() }}"
-    files = {"chat_template.json": json.dumps({"chat_template": template})} if family == "smolvlm" else \
-        {"chat_template.jinja": template}
+    files = ({"chat_template.json": json.dumps({"chat_template": template})} if family == "smolvlm"
+             else {"chat_template.jinja": template})
     bad = derived(ckpt[family], tmp_path / "ckpt", files=files)
     assert_fails(cli(family, ckpt, "--image", media["good"], model=bad),
                  "chat template: access to attribute '__class__' of 'str' object is unsafe.")
@@ -567,26 +645,32 @@ def test_chat_template_cannot_reach_python_internals(family, ckpt, media, tmp_pa
 
 @pytest.mark.parametrize("file", ["common.py", "paligemma.py", "smolvlm.py", "perception_lm.py"])
 def test_sources_never_eval_exec_or_unpickle(file):
-    """In the code (comments and strings aside): no eval/exec/compile/__import__ builtins, no pickle, marshal or
-    torch.load, no trust_remote_code, no unsandboxed jinja2 Template/Environment; weights go through safetensors."""
+    """In the code (comments and strings aside): no eval/exec/compile/__import__ builtins, no
+    pickle, marshal or torch.load, no trust_remote_code, no unsandboxed jinja2 Template/Environment;
+    weights go through safetensors."""
     text = (ROOT / file).read_text(encoding="utf-8")
-    toks = [t for t in tokenize.generate_tokens(io.StringIO(text).readline) if t.type in (tokenize.NAME, tokenize.OP)]
+    toks = [t for t in tokenize.generate_tokens(io.StringIO(text).readline)
+            if t.type in (tokenize.NAME, tokenize.OP)]
     names = [t.string for t in toks]
-    builtins = {b for prev, b in zip(["("] + names, names) if prev != "."}  # bare names, not attributes (re.compile)
+    # bare names, not attributes (re.compile)
+    builtins = {b for prev, b in zip(["("] + names, names) if prev != "."}
     assert not {"eval", "exec", "compile", "__import__"} & builtins
-    assert not {"pickle", "marshal", "dill", "trust_remote_code", "Template", "Environment", "load_file"} & set(names)
+    assert not {"pickle", "marshal", "dill", "trust_remote_code", "Template", "Environment",
+                "load_file"} & set(names)
     assert not any(names[i:i + 3] == ["torch", ".", "load"] for i in range(len(names)))
     assert "trust_remote_code" not in text and "torch.load" not in text
     assert ("safe_open" in names) == (file == "common.py")  # the one place weights are read
-    assert ("ImmutableSandboxedEnvironment" in names) == (file in ("smolvlm.py", "perception_lm.py"))  # chat templates
+    assert ("ImmutableSandboxedEnvironment" in names) == (file == "common.py")  # chat templates
 
 
-# ----------------------------------------------------------------------------- the Python API says the same
+# --------------------------------------------------------------------- the Python API says the same
 
-API = ["missing image", "missing checkpoint", "mis-shaped tensor", "placeholders", "--max-new-tokens 0", "not a video"]
+API = ["missing image", "missing checkpoint", "mis-shaped tensor", "placeholders",
+       "--max-new-tokens 0", "not a video"]
 
 
-@pytest.mark.parametrize("family, case", [(f, c) for f in FAMILIES for c in API if c != "not a video" or f in VIDEO])
+@pytest.mark.parametrize("family, case", [(f, c) for f in FAMILIES for c in API
+                                          if c != "not a video" or f in VIDEO])
 def test_api_raises_the_cli_message(family, case, ckpt, media, loaded, tmp_path):
     M, (model, proc) = MODULES[family], loaded[family]
     good, missing, token = str(media["good"]), str(media["dir"] / "nope.png"), IMAGE_TOKEN[family]
@@ -599,15 +683,18 @@ def test_api_raises_the_cli_message(family, case, ckpt, media, loaded, tmp_path)
         args, call = ["--image", good], lambda: M.load(str(bad))
     elif case == "placeholders":
         prompt = SPEC[family]["two_placeholders"][-1]
-        args, call = ["--image", good, *SPEC[family]["two_placeholders"]], lambda: proc(**image_call(family, [good], prompt))
+        args, call = (["--image", good, *SPEC[family]["two_placeholders"]],
+                      lambda: proc(**image_call(family, [good], prompt)))
     elif case == "--max-new-tokens 0":
         inputs = proc(**image_call(family, [good]))
-        args, call = ["--image", good, "--max-new-tokens", "0"], lambda: model.generate(**inputs, max_new_tokens=0)
+        args, call = (["--image", good, "--max-new-tokens", "0"],
+                      lambda: model.generate(**inputs, max_new_tokens=0))
     else:
         video = str(media["dir"] / "notes.mp4")
         token = "<video>" if family == "smolvlm" else "<|video|>"
         args, call = ["--video", video], lambda: proc(text=[token + "x"], videos=[video])
-    model_dir = tmp_path / "nowhere" if case == "missing checkpoint" else bad if case == "mis-shaped tensor" else ckpt[family]
+    model_dir = (tmp_path / "nowhere" if case == "missing checkpoint"
+                 else bad if case == "mis-shaped tensor" else ckpt[family])
     r = cli_in_process(M, "--model", model_dir, *args)
     with pytest.raises(VLMError) as e:
         call()
