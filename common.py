@@ -543,7 +543,10 @@ def split_answer(render, messages, end_token):
 
 def append_answers(tokenizer, rows, answers):
     """For training: each row of prompt ids (a list, extended in place) followed by its answer's ids
-    -> per row the labels: -100 on the prompt (never learned), the answer's ids on the answer."""
+    -> per row the labels: -100 on the prompt (never learned), the answer's ids on the answer. No
+    answers (None): no labels, None."""
+    if answers is None:
+        return None
     if isinstance(answers, str):
         answers = [answers]
     if len(answers) != len(rows):

@@ -41,33 +41,20 @@ from common import (Linear, VLMError, checkpoint_files, open_image, read_json, r
 FAMILIES = {"paligemma": paligemma, "idefics3": smolvlm, "smolvlm": smolvlm,
             "perception_lm": perception_lm}  # by config.json's model_type
 
-# Per family, module paths in the model: the parts --train chooses from, and the layer lists that
-# --gradient-checkpointing recomputes (vision tower, decoder).
-PARTS = {
-    "paligemma": dict(vision=["vision_tower"], projector=["multi_modal_projector"],
-                      decoder=["language_model", "lm_head"],
-                      layers=["vision_tower.encoder.layers", "language_model.layers"]),
-    "smolvlm": dict(vision=["model.vision_model"], projector=["model.connector"],
-                    decoder=["model.text_model", "lm_head"],
-                    layers=["model.vision_model.encoder.layers", "model.text_model.layers"]),
-    "perception_lm": dict(vision=["vision_tower"], projector=["multi_modal_projector"],
-                          decoder=["language_model", "lm_head"],
-                          layers=["vision_tower.blocks", "language_model.layers"]),
-}
-
-
-def hub_renamer(family, model):
-    """The family's `hub key -> our name` function, as its load() uses it."""
-    if family is perception_lm:  # whether a stored output head is read depends on the tying
-        return partial(perception_lm.hub_name, tied=model.cfg.tie_word_embeddings)
-    return family.hub_name
+# Per family, the module paths of the parts --train chooses from (the decoder's first).
+# PaliGemma and PerceptionLM keep them at the top level, SmolVLM under `model.`.
+TOP_LEVEL_PARTS = dict(vision=["vision_tower"], projector=["multi_modal_projector"],
+                       decoder=["language_model", "lm_head"])
+PARTS = {"paligemma": TOP_LEVEL_PARTS, "perception_lm": TOP_LEVEL_PARTS,
+         "smolvlm": dict(vision=["model.vision_model"], projector=["model.connector"],
+                         decoder=["model.text_model", "lm_head"])}
 
 
 # ------------------------------------------------------------ data
 
 def read_examples(path):
-    """The data file -> examples {"where", "images", "video", "prompt", "answer"}, each line checked
-    for its fields and its files (the encoding is checked once the processor is there)."""
+    """The data file -> examples {"where", "images", "videos", "prompt", "answer"}, each line
+    checked for its fields and its files (the encoding is checked once the processor is there)."""
     path = Path(path)
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
@@ -92,16 +79,17 @@ def read_examples(path):
         if len(media) != 1:
             raise VLMError(f"{where}: give one of 'image', 'images' or 'video'")
         images = item.get("images", [item["image"]] if "image" in item else [])
-        if not isinstance(images, list):
-            raise VLMError(f"{where}: 'images' must be a list of paths")
-        files = images + [item["video"]] if "video" in item else images
-        if not all(isinstance(name, str) for name in files):
-            raise VLMError(f"{where}: image and video paths must be strings")
-        for name in files:
+        videos = [item["video"]] if "video" in item else []
+        if not isinstance(images, list) or not images + videos:
+            raise VLMError(f"{where}: 'images' must be a non-empty list of paths")
+        paths = images + videos
+        if not all(isinstance(name, str) for name in paths):
+            raise VLMError(f"{where}: the image and video paths must be text")
+        for name in paths:
             if not (path.parent / name).is_file():
                 raise VLMError(f"{where}: {path.parent / name} not found")
-        video = path.parent / item["video"] if "video" in item else None
-        examples.append(dict(where=where, images=[path.parent / f for f in images], video=video,
+        examples.append(dict(where=where, images=[path.parent / f for f in images],
+                             videos=[str(path.parent / f) for f in videos],
                              prompt=item["prompt"], answer=item["answer"]))
     if not examples:
         raise VLMError(f"data {path} holds no examples")
@@ -111,7 +99,7 @@ def read_examples(path):
 def encode(family, processor, examples):
     """Examples -> one left-padded batch of model inputs whose labels cover the answers only."""
     images = [[open_image(name) for name in example["images"]] for example in examples]
-    videos = [str(example["video"]) for example in examples if example["video"] is not None]
+    videos = [video for example in examples for video in example["videos"]]
     if family is paligemma:
         if videos:
             raise VLMError("PaliGemma reads images, not videos")
@@ -122,8 +110,7 @@ def encode(family, processor, examples):
     template_answers = []  # the answers as the chat template writes them, end-of-turn token last
     for example in examples:
         content = [{"type": "image"} for _ in example["images"]]
-        if example["video"] is not None:
-            content.append({"type": "video"})
+        content += [{"type": "video"} for _ in example["videos"]]
         content.append({"type": "text", "text": example["prompt"]})
         answer = [{"type": "text", "text": example["answer"]}]
         messages = [{"role": "user", "content": content}, {"role": "assistant", "content": answer}]
@@ -146,7 +133,7 @@ def check_examples(family, processor, examples, context, batch_size):
         if n_tokens > context:
             raise VLMError(f"{example['where']}: the prompt and answer take {n_tokens} tokens, "
                            f"more than the model's context of {context}")
-    with_video = {example["video"] is not None for example in examples}
+    with_video = {bool(example["videos"]) for example in examples}
     if family is smolvlm and len(with_video) == 2 and batch_size > 1:  # its processor refuses it
         raise VLMError("SmolVLM cannot batch images with videos: use --batch-size 1")
 
@@ -225,9 +212,10 @@ def prepare(model, family, parts, lora_rank, lora_alpha, recompute):
         for path in paths[part]:
             model.get_submodule(path).requires_grad_(True)
     if recompute:
-        for path in paths["layers"]:
-            for layer in model.get_submodule(path):
-                layer.forward = partial(checkpoint, layer.forward, use_reentrant=False)
+        for module in model.modules():
+            if isinstance(module, nn.ModuleList):  # the vision tower's or the decoder's layers
+                for layer in module:
+                    layer.forward = partial(checkpoint, layer.forward, use_reentrant=False)
     return [p for p in model.parameters() if p.requires_grad]
 
 
@@ -305,16 +293,17 @@ def save(model, family, source, output, shard_bytes=SHARD_BYTES):
     hidden folder beside it, renamed to `output` only once complete, so that a crash never leaves
     a folder that looks like a checkpoint."""
     merge_lora(model)
-    state = hub_state(model, hub_renamer(family, model), source)
+    rename = family.hub_name  # as the family's load() renames hub keys
+    if family is perception_lm:  # whether a stored output head is read depends on the tying
+        rename = partial(perception_lm.hub_name, tied=model.cfg.tie_word_embeddings)
+    state = hub_state(model, rename, source)
     output = Path(output)
     partial_folder = output.with_name(f".{output.name}.partial-{os.getpid()}")
     partial_folder.mkdir(parents=True)
     try:
         write_checkpoint(partial_folder, state, source, next(model.parameters()).dtype,
                          shard_bytes)
-        if output.exists():
-            output.rmdir()  # empty: checked before training
-        partial_folder.rename(output)
+        partial_folder.rename(output)  # (POSIX rename replaces an empty directory: see main())
     finally:
         shutil.rmtree(partial_folder, ignore_errors=True)
 
@@ -368,8 +357,7 @@ def train(model, family, processor, examples, eval_examples, trainable, args):
         left = datetime.timedelta(seconds=round(elapsed / (step + 1) * (args.steps - step - 1)))
         print(f"step {step + 1}/{args.steps}  loss {step_loss:.4f}  lr {lr:.2e}  "
               f"{n_tokens / elapsed:.0f} tokens/s  {left} left", flush=True)
-        is_last = step + 1 == args.steps
-        if eval_examples and ((step + 1) % args.eval_every == 0 or is_last):
+        if eval_examples and ((step + 1) % args.eval_every == 0 or step + 1 == args.steps):
             eval_loss = evaluate(model, family, processor, eval_examples, args.batch_size, device)
             print(f"step {step + 1}  eval loss {eval_loss:.4f}", flush=True)
     return losses

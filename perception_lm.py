@@ -766,17 +766,15 @@ class Processor:
             # a rendered chat template starts with <|begin_of_text|> already: no second one
             add_bos = not prompt.startswith(self.bos)
             ids.append(self.tokenizer.encode(prompt, add_special_tokens=add_bos).ids)
-        labels = None
-        if suffix is not None:
-            labels = append_answers(self.tokenizer, ids, suffix)
+        labels = append_answers(self.tokenizer, ids, suffix)  # None without a suffix
         out = {"input_ids": left_pad(ids, self.pad_id),
                "attention_mask": left_pad([[1] * len(row) for row in ids], 0)}
+        if labels is not None:
+            out["labels"] = left_pad(labels, -100)
         if tiles:
             out["pixel_values"] = stack_pixels([normalize(x) for x in tiles])
         if frames:
             out["pixel_values_videos"] = stack_pixels([normalize(x) for x in frames])
-        if labels is not None:
-            out["labels"] = left_pad(labels, -100)
         return out
 
     def decode(self, ids):

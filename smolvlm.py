@@ -795,15 +795,13 @@ class Processor:
             pixels, blocks = self.image_inputs(text, images, split)
         text = expand_placeholders(text, token, blocks)
         ids = [encoding.ids for encoding in self.tokenizer.encode_batch(text)]
-        labels = None
-        if suffix is not None:
-            labels = append_answers(self.tokenizer, ids, suffix)
+        labels = append_answers(self.tokenizer, ids, suffix)  # None without a suffix
         out = {"input_ids": left_pad(ids, self.pad_id),
                "attention_mask": left_pad([[1] * len(row) for row in ids], 0)}
-        if any(pixels):
-            out.update(self.pad_pixels(pixels, videos is not None))
         if labels is not None:
             out["labels"] = left_pad(labels, -100)
+        if any(pixels):
+            out.update(self.pad_pixels(pixels, videos is not None))
         return out
 
     def pad_pixels(self, rows, is_video):

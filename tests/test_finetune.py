@@ -174,6 +174,33 @@ def test_sharded_atomic_save(ckpt, data, tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == [output]  # nothing that looks like a checkpoint, no litter
 
 
+def test_video_line_trains(tmp_path):
+    """SmolVLM2: a data line with a video (and one with two images) is encoded with the answer's
+    labels, and a training step runs on it."""
+    from helpers import make_video
+    folder = smolvlm_fixture.build(tmp_path / "v2", "v2")
+    make_video(tmp_path / "clip.mp4", n_frames=12, fps=4)
+    for i in range(2):
+        Image.new("RGB", (30 + 9 * i, 20), (40 * i, 90, 200)).save(tmp_path / f"{i}.png")
+    lines = [{"video": "clip.mp4", "prompt": "What happens?", "answer": "Colours move."},
+             {"images": ["0.png", "1.png"], "prompt": "What differs?", "answer": "The size."}]
+    (tmp_path / "train.jsonl").write_text("\n".join(json.dumps(line) for line in lines))
+    model, processor = smolvlm.load(str(folder), dtype=torch.float32)
+    examples = finetune.read_examples(tmp_path / "train.jsonl")
+    finetune.check_examples(smolvlm, processor, examples, 8192, batch_size=1)
+    with pytest.raises(finetune.VLMError, match="cannot batch images with videos"):
+        finetune.check_examples(smolvlm, processor, examples, 8192, batch_size=2)
+    trainable = finetune.prepare(model, smolvlm, ["decoder"], 0, 16.0, True)
+    for example in examples:
+        inputs = finetune.encode(smolvlm, processor, [example])
+        answer_ids = inputs["labels"][inputs["labels"] != -100].tolist()
+        expected = " " + example["answer"] + "<end_of_utterance>"
+        assert processor.tokenizer.decode(answer_ids, skip_special_tokens=False) == expected
+        _, loss = model(**inputs)
+        loss.backward()
+        assert torch.isfinite(loss) and all(p.grad is not None for p in trainable)
+
+
 def test_learning_rate_warms_up_then_decays():
     rates = [finetune.learning_rate(step, 10, 1.0, 2) for step in range(10)]
     assert rates[:3] == [0.5, 1.0, 1.0]
