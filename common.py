@@ -524,6 +524,41 @@ def render_template(template, messages, **variables):
         raise VLMError(f"chat template: {e}") from None
 
 
+def split_answer(render, messages, end_token):
+    """Training data from a conversation whose last message is the assistant's answer -> (prompt,
+    answer): the prompt as the chat template renders it for generation, the answer as the template
+    continues it, up to and including the end-of-turn token (what the template writes after that
+    token, SmolVLM's "\\n", comes before the next turn and is not learned). `render(messages,
+    add_generation_prompt)` is the processor's apply_chat_template."""
+    if not messages or messages[-1].get("role") != "assistant":
+        raise VLMError("a training conversation must end with the assistant's answer")
+    prompt = render(messages[:-1], add_generation_prompt=True)
+    whole = render(messages, add_generation_prompt=False)
+    answer = whole[len(prompt):]
+    if not whole.startswith(prompt) or end_token not in answer:
+        raise VLMError("the chat template does not write the answer after the generation prompt")
+    end = answer.index(end_token) + len(end_token)
+    return prompt, answer[:end]
+
+
+def append_answers(tokenizer, rows, answers):
+    """For training: each row of prompt ids (a list, extended in place) followed by its answer's ids
+    -> per row the labels: -100 on the prompt (never learned), the answer's ids on the answer. No
+    answers (None): no labels, None."""
+    if answers is None:
+        return None
+    if isinstance(answers, str):
+        answers = [answers]
+    if len(answers) != len(rows):
+        raise VLMError(f"got {len(answers)} answers (suffix) for {len(rows)} prompts")
+    labels = []
+    for row, answer in zip(rows, answers):
+        answer_ids = tokenizer.encode(answer, add_special_tokens=False).ids
+        labels.append([-100] * len(row) + answer_ids)
+        row.extend(answer_ids)
+    return labels
+
+
 # ------------------------------------------------------------ sampling and generation
 
 def sample(logits, temperature=0.0, top_k=None, top_p=None, generator=None):

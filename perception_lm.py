@@ -28,11 +28,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import (KVCache, Linear, VLMError, apply_rope, attend, check_args, check_context,
-                    cli_parser, decode_ids, from_dict, generate, image_tensor, left_pad,
-                    load_weights, make_mask, normalize, open_image, open_tokenizer, optional_json,
-                    read_json, read_video, render_template, resize, resolve, rope_cos_sin,
-                    rope_inv_freq, rope_theta, run_cli, stop_ids, stream_answer, token_text)
+from common import (KVCache, Linear, VLMError, append_answers, apply_rope, attend, check_args,
+                    check_context, cli_parser, decode_ids, from_dict, generate, image_tensor,
+                    left_pad, load_weights, make_mask, next_token_loss, normalize, open_image,
+                    open_tokenizer, optional_json, read_json, read_video, render_template, resize,
+                    resolve, rope_cos_sin, rope_inv_freq, rope_theta, run_cli, split_answer,
+                    stop_ids, stream_answer, token_text)
 
 DEFAULT_MODEL = "facebook/Perception-LM-1B"
 
@@ -461,8 +462,9 @@ class PerceptionLM(nn.Module):
         return x.masked_scatter(slots[..., None], features)
 
     def forward(self, input_ids, pixel_values=None, pixel_values_videos=None, attention_mask=None,
-                cache=None, last_only=False):
-        """input_ids (B, T) -> logits (B, T, V); with last_only, the last position's (B, 1, V).
+                labels=None, cache=None, last_only=False):
+        """input_ids (B, T) -> logits (B, T, V); with last_only, the last position's (B, 1, V);
+        with `labels` (B, T), (logits, loss).
         attention_mask (B, S) covers the cached tokens and the new ones (0: padding); positions
         count from each row's first real token. pixel_values: the tiles of every image in order,
         (images, tiles, 3, S, S), or (all tiles, 3, S, S) when images have different tile counts;
@@ -486,7 +488,10 @@ class PerceptionLM(nn.Module):
             cache.len += T
         if last_only:
             x = x[:, -1:]  # (B, 1, Dt): generation needs the last position only
-        return self.lm_head(x)  # (B, T, V), or (B, 1, V)
+        logits = self.lm_head(x)  # (B, T, V), or (B, 1, V)
+        if labels is None:
+            return logits
+        return logits, next_token_loss(logits, labels)
 
     @torch.inference_mode()
     def generate(self, input_ids, pixel_values=None, pixel_values_videos=None, attention_mask=None,
@@ -506,7 +511,7 @@ class PerceptionLM(nn.Module):
         keys = torch.ones(B, total, dtype=torch.long, device=device)
         if attention_mask is not None:
             keys[:, :T] = attention_mask
-        logits = self(input_ids, pixel_values, pixel_values_videos, keys[:, :T], cache,
+        logits = self(input_ids, pixel_values, pixel_values_videos, keys[:, :T], cache=cache,
                       last_only=True)  # (B, 1, V)
 
         def step(token):  # (B,) -> (B, V): one cached decode step
@@ -609,6 +614,7 @@ class Processor:
         self.pad = token_text(tokenizer_config.get("pad_token", "<|end_of_text|>"))
         self.pad_id = self.tokenizer.token_to_id(self.pad)
         eos = token_text(tokenizer_config.get("eos_token", "<|eot_id|>"))
+        self.end_of_turn = eos  # the last token of an answer, learned in training
         self.stop = [self.tokenizer.token_to_id(eos)]  # load() adds the checkpoint's other end ids
         self.image_token = self.tokenizer.id_to_token(cfg.image_token_id)
         self.video_token = self.tokenizer.id_to_token(cfg.video_token_id)
@@ -632,6 +638,12 @@ class Processor:
                            "pass a raw prompt (--raw)")
         return render_template(self.chat_template, messages, bos_token=self.bos,
                                pad_token=self.pad, add_generation_prompt=add_generation_prompt)
+
+    def prompt_and_answer(self, messages):
+        """Training: a conversation ending with the assistant's answer -> (prompt, answer), for
+        processor(text=[prompt], images=..., suffix=[answer]), whose labels then cover exactly the
+        answer as the template writes it (trimmed) and its <|eot_id|>."""
+        return split_answer(self.apply_chat_template, messages, self.end_of_turn)
 
     def canvas(self, W, H, max_tiles):
         """(n_w, n_h) tiles for a W x H image, transformers' choice (Llama 3.2 Vision's dynamic
@@ -723,12 +735,14 @@ class Processor:
             expanded.append("".join(pieces))
         return expanded
 
-    def __call__(self, text=None, images=None, videos=None, num_frames=None, max_num_tiles=None):
+    def __call__(self, text=None, images=None, videos=None, num_frames=None, max_num_tiles=None,
+                 suffix=None):
         """text: a prompt or a list of prompts, with a placeholder for each image and video; images:
         one, a list, or a list per prompt; videos: a file or decoded frames, or a list of them ->
         {input_ids, attention_mask, and pixel_values / pixel_values_videos where given}.
         max_num_tiles replaces the checkpoint's tile cap (36); num_frames: frames sampled per
-        video (a file: 32 by default; decoded frames: all by default)."""
+        video (a file: 32 by default; decoded frames: all by default). suffix: per prompt the
+        answer to train on (see prompt_and_answer), appended; it adds `labels`, -100 but on it."""
         if isinstance(text, str):
             text = [text]
         prompts = list(text or [""])
@@ -752,8 +766,11 @@ class Processor:
             # a rendered chat template starts with <|begin_of_text|> already: no second one
             add_bos = not prompt.startswith(self.bos)
             ids.append(self.tokenizer.encode(prompt, add_special_tokens=add_bos).ids)
+        labels = append_answers(self.tokenizer, ids, suffix)  # None without a suffix
         out = {"input_ids": left_pad(ids, self.pad_id),
                "attention_mask": left_pad([[1] * len(row) for row in ids], 0)}
+        if labels is not None:
+            out["labels"] = left_pad(labels, -100)
         if tiles:
             out["pixel_values"] = stack_pixels([normalize(x) for x in tiles])
         if frames:

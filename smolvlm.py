@@ -26,10 +26,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from common import (
-    KVCache, Linear, VLMError, apply_rope, attend, check_args, check_context, cli_parser,
-    decode_ids, from_dict, generate, image_tensor, left_pad, load_weights, make_mask, normalize,
-    open_image, open_tokenizer, optional_json, read_json, read_video, render_template, resize,
-    resolve, rope_cos_sin, rope_inv_freq, rope_theta, run_cli, stop_ids, stream_answer, token_text,
+    KVCache, Linear, VLMError, append_answers, apply_rope, attend, check_args, check_context,
+    cli_parser, decode_ids, from_dict, generate, image_tensor, left_pad, load_weights, make_mask,
+    next_token_loss, normalize, open_image, open_tokenizer, optional_json, read_json, read_video,
+    render_template, resize, resolve, rope_cos_sin, rope_inv_freq, rope_theta, run_cli,
+    split_answer, stop_ids, stream_answer, token_text,
 )
 
 # 256M parameters: fine on a laptop CPU
@@ -366,10 +367,10 @@ class SmolVLM(nn.Module):
         return blocks.any(4).any(2)  # (N, h, w)
 
     def forward(self, input_ids, attention_mask=None, pixel_values=None, pixel_attention_mask=None,
-                positions=None, cache=None, last_only=False):
-        """input_ids (B, T) -> logits (B, T, V), or (B, 1, V) with last_only. attention_mask (B, S)
-        covers the cached tokens and the new ones; positions (B, T) default to counting the real
-        tokens."""
+                labels=None, positions=None, cache=None, last_only=False):
+        """input_ids (B, T) -> logits (B, T, V), or (B, 1, V) with last_only; with `labels` (B, T)
+        (logits, loss). attention_mask (B, S) covers the cached tokens and the new ones; positions
+        (B, T) default to counting the real tokens."""
         B, T = input_ids.shape
         if attention_mask is None:  # every token is real, the cached ones too
             n_cached = cache.len if cache is not None else 0
@@ -386,7 +387,10 @@ class SmolVLM(nn.Module):
             cache.len += T
         if last_only:
             x = x[:, -1:]  # (B, 1, C): only the last position picks the next token
-        return self.lm_head(x)  # (B, T, V)
+        logits = self.lm_head(x)  # (B, T, V)
+        if labels is None:
+            return logits
+        return logits, next_token_loss(logits, labels)
 
     def merge_images(self, x, input_ids, pixel_values, pixel_attention_mask):
         """x (B, T, C) with the embedding of each image token replaced by the next image feature."""
@@ -552,6 +556,7 @@ class Processor:
 
         self.pad_id = self.tokenizer.token_to_id(named.get("pad_token", "<|im_end|>"))
         end_of_utterance = named.get("end_of_utterance_token", "<end_of_utterance>")
+        self.end_of_turn = end_of_utterance  # the last token of an answer, learned in training
         end_tokens = {end_of_utterance, named.get("eos_token", end_of_utterance)}
         end_ids = {self.tokenizer.token_to_id(token) for token in end_tokens}
         self.stop = sorted(end_ids - {None})
@@ -767,13 +772,14 @@ class Processor:
         return [[video_frames] for video_frames in frames], blocks  # a pixel row per video
 
     def __call__(self, text=None, images=None, videos=None, video_metadata=None,
-                 do_sample_frames=None, num_frames=None, do_image_splitting=None):
+                 do_sample_frames=None, num_frames=None, do_image_splitting=None, suffix=None):
         """text: a string or a list (one per batch row) with one `<image>` per image (`<video>` per
         video); images: per row a list of PIL images, arrays or paths (a flat list is split by the
         placeholder counts); videos: per video a path or decoded frames (then `video_metadata`, and
         `do_sample_frames=True` to sample as transformers' chat-template path does; paths are
         sampled by default). Left padding. `num_frames` and `do_image_splitting` override the
-        checkpoint's max_frames and do_image_splitting."""
+        checkpoint's max_frames and do_image_splitting. `suffix`: per row the answer to train on
+        (see prompt_and_answer), appended to the prompt; it adds `labels`, -100 except on it."""
         if text is None:
             raise VLMError("a text prompt is required")
         text = [text] if isinstance(text, str) else list(text)
@@ -789,8 +795,11 @@ class Processor:
             pixels, blocks = self.image_inputs(text, images, split)
         text = expand_placeholders(text, token, blocks)
         ids = [encoding.ids for encoding in self.tokenizer.encode_batch(text)]
+        labels = append_answers(self.tokenizer, ids, suffix)  # None without a suffix
         out = {"input_ids": left_pad(ids, self.pad_id),
                "attention_mask": left_pad([[1] * len(row) for row in ids], 0)}
+        if labels is not None:
+            out["labels"] = left_pad(labels, -100)
         if any(pixels):
             out.update(self.pad_pixels(pixels, videos is not None))
         return out
@@ -825,6 +834,12 @@ class Processor:
             raise VLMError("this checkpoint has no chat template: pass a raw prompt (--raw)")
         return render_template(template, messages, add_generation_prompt=add_generation_prompt,
                                tools=None, documents=None, **self.special)
+
+    def prompt_and_answer(self, messages):
+        """Training: a conversation ending with the assistant's answer -> (prompt, answer), for
+        processor(text=[prompt], images=..., suffix=[answer]), whose labels then cover exactly the
+        answer as the template writes it (" " + text) and its <end_of_utterance>."""
+        return split_answer(self.apply_chat_template, messages, self.end_of_turn)
 
     def decode(self, ids):
         """Text of generated ids, up to the first end token, special tokens skipped."""

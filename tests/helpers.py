@@ -127,3 +127,70 @@ def make_audio(path, seconds=0.5, rate=16000):
         for packet in packets + list(s.encode()):
             c.mux(packet)
     return path
+
+
+def relative_error(ours, theirs):
+    """Max |ours - theirs| over max |theirs|: a gradient's error relative to its own scale."""
+    return float((ours - theirs).abs().max() / theirs.abs().max())
+
+
+def assert_same_loss_and_gradients(model, hf_model, inputs, hf_inputs, weights):
+    """The loss of our model and of transformers' on the same inputs with labels (fp32) within 1e-5
+    relative; the gradients of the loss with respect to pixel_values (a path through the vision
+    tower, the projector and the decoder) and to the named weights ({our name: transformers' name})
+    within 1e-4 relative max error, each of them nonzero. -> {what: relative error}."""
+    pixels = inputs["pixel_values"].clone().requires_grad_()
+    hf_pixels = inputs["pixel_values"].clone().requires_grad_()
+    model.zero_grad(set_to_none=True)
+    hf_model.zero_grad(set_to_none=True)
+    _, loss = model(**dict(inputs, pixel_values=pixels))
+    hf_loss = hf_model(**dict(hf_inputs, pixel_values=hf_pixels)).loss
+    loss.backward()
+    hf_loss.backward()
+    errors = {"loss": abs(loss.item() - hf_loss.item()) / abs(hf_loss.item()),
+              "pixel_values": relative_error(pixels.grad, hf_pixels.grad)}
+    assert hf_pixels.grad.abs().max() > 0
+    for ours_name, hf_name in weights.items():
+        grad = model.get_parameter(ours_name).grad
+        hf_grad = hf_model.get_parameter(hf_name).grad
+        assert hf_grad.abs().max() > 0, hf_name
+        errors[ours_name] = relative_error(grad, hf_grad)
+    model.zero_grad(set_to_none=True)  # the gradients' memory back; the models are shared
+    hf_model.zero_grad(set_to_none=True)
+    gradient_errors = [error for what, error in errors.items() if what != "loss"]
+    assert errors["loss"] <= 1e-5, errors
+    assert max(gradient_errors) <= 1e-4, errors
+    return errors
+
+
+def assert_chat_labels(proc, hf_proc, conversations, images, end_of_turn, **hf_kwargs):
+    """Training rows made with prompt_and_answer and `suffix`, checked token by token against the
+    checkpoint's template as transformers renders and tokenizes it: each row's ids are transformers'
+    for the whole rendered conversation (up to the answer's end-of-turn token), and its labels are
+    -100 on the left padding and the prompt (system text, user turns, earlier answers, image
+    tokens), and equal to the ids on the last answer, which decodes to the answer and ends with
+    the end-of-turn token."""
+    pairs = [proc.prompt_and_answer(conversation) for conversation in conversations]
+    inputs = proc(text=[prompt for prompt, _ in pairs], images=images,
+                  suffix=[answer for _, answer in pairs])
+    end_id = hf_proc.tokenizer.convert_tokens_to_ids(end_of_turn)
+    for row, (prompt, answer) in enumerate(pairs):
+        rendered = hf_proc.apply_chat_template(conversations[row], tokenize=False)
+        assert rendered.startswith(prompt + answer)
+        assert rendered[len(prompt + answer):] in ("", "\n")  # after the end token: not learned
+        whole = hf_proc(text=[prompt + answer], images=[images[row]], return_tensors="pt",
+                        **hf_kwargs)["input_ids"][0]
+        prompt_ids = hf_proc(text=[prompt], images=[images[row]], return_tensors="pt",
+                             **hf_kwargs)["input_ids"][0]
+        T = len(whole)
+        n_prompt = len(prompt_ids)
+        assert torch.equal(inputs["input_ids"][row, -T:], whole)
+        assert torch.equal(whole[:n_prompt], prompt_ids)
+        labels = inputs["labels"][row]
+        assert bool((labels[:-T] == -100).all())  # the left padding
+        assert bool((labels[-T:][:n_prompt] == -100).all())  # the prompt
+        assert torch.equal(labels[-T:][n_prompt:], whole[n_prompt:])  # the answer
+        answer_ids = whole[n_prompt:]
+        assert hf_proc.tokenizer.decode(answer_ids, clean_up_tokenization_spaces=False) == answer
+        assert int(answer_ids[-1]) == end_id and int((answer_ids == end_id).sum()) == 1
+    return inputs

@@ -11,7 +11,8 @@ import paligemma_fixture
 from conftest import ROOT
 
 
-@pytest.mark.parametrize("script", ["compare.py", "measure.py", "bandwidth.py", "checkpoints.py"])
+@pytest.mark.parametrize("script", ["compare.py", "measure.py", "bandwidth.py", "checkpoints.py",
+                                    "train.py"])
 def test_scripts_start(script):
     r = subprocess.run([sys.executable, str(ROOT / "bench" / script), "--help"],
                        capture_output=True, text=True)

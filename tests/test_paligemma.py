@@ -16,7 +16,7 @@ import torch
 import paligemma as P
 import paligemma_fixture
 from conftest import ROOT
-from helpers import assert_same_inputs, run_cli
+from helpers import assert_same_inputs, assert_same_loss_and_gradients, run_cli
 
 VARIANTS = ["pg1", "pg2"]
 PROMPTS = ["caption en", "answer en where is the cow standing?"]
@@ -229,6 +229,24 @@ def test_suffix_training_case(variant, ours, hf, images):
                                              ignore_index=-100)
     assert abs(loss.item() - out.loss.item()) < 1e-4
     assert abs(ours_loss.item() - out.loss.item()) < 1e-4
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_loss_and_gradients_match_transformers(variant, ours, hf, images, record_property):
+    """A left-padded batch of two training rows (prefix-LM mask, suffix labels): loss, and
+    gradients through the vision tower, the projector and the decoder."""
+    model, proc = ours[variant]
+    inputs = proc(text=PROMPTS, images=[[images[0]], [images[1]]],
+                  suffix=["a cow", "on the sandy beach"])
+    names = ["vision_tower.encoder.layers.0.self_attn.q_proj.weight",
+             "multi_modal_projector.linear.weight", "language_model.embed_tokens.weight",
+             "language_model.layers.0.self_attn.k_proj.weight",
+             "language_model.layers.1.mlp.down_proj.weight"]
+    hf_model = hf[variant][0]
+    errors = assert_same_loss_and_gradients(model, hf_model, inputs,
+                                            dict(hf_inputs(inputs), labels=inputs["labels"]),
+                                            {name: "model." + name for name in names})
+    record_property("gradient_relative_errors", errors)
 
 
 def test_prefix_lm_mask():

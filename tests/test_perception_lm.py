@@ -21,7 +21,8 @@ import common
 import perception_lm as P
 import perception_lm_fixture as F
 from common import VLMError
-from helpers import assert_same_inputs, cli_in_process, decode_video, make_video, run_cli
+from helpers import (assert_chat_labels, assert_same_inputs, assert_same_loss_and_gradients,
+                     cli_in_process, decode_video, make_video, run_cli)
 
 VARIANTS = ["1b", "8b"]
 QUESTIONS = ["Describe the image.", "What is in this video? Answer briefly."]
@@ -506,6 +507,52 @@ def test_short_video_gives_all_its_frames(ours, clip):
     out = ours["1b"][1](text=["<|video|>"], videos=[str(path)], num_frames=32)
     assert out["pixel_values_videos"].shape[1] == len(frames) == 23
     assert P.uniform_frames(8)(23, 10.0) == [0, 2, 5, 8, 11, 14, 17, 20]
+
+
+# ----------------------------------------------------------------------------- training
+
+def conversations():
+    """A one-turn conversation and a two-turn one (its first answer is context, not learned)."""
+    first = [{"role": "user", "content": [{"type": "image"},
+                                          {"type": "text", "text": "Describe the image."}]},
+             {"role": "assistant", "content": [{"type": "text", "text": " A cat on a sofa. "}]}]
+    second = first + [
+        {"role": "user", "content": [{"type": "text", "text": "How many people are there?"}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "Two people."}]}]
+    return [first, second]
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_chat_labels_cover_the_answer_and_end_of_turn(variant, ours, hf, images):
+    proc = ours[variant][1]
+    # transformers' processor(text=...) would add a second <|begin_of_text|> (see above)
+    assert_chat_labels(proc, hf[variant][1], conversations(), [[images[0]], [images[1]]],
+                       "<|eot_id|>", add_special_tokens=False)
+    prompt, answer = proc.prompt_and_answer(conversations()[0])
+    assert answer == "A cat on a sofa.<|eot_id|>"  # the template trims the text
+    with pytest.raises(VLMError, match="must end with the assistant"):
+        proc.prompt_and_answer(conversations()[0][:1])
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_loss_and_gradients_match_transformers(variant, ours, hf, images, record_property):
+    """A left-padded batch of two training rows: loss, and gradients through the vision tower, the
+    projector and the decoder."""
+    model, proc = ours[variant]
+    pairs = [proc.prompt_and_answer(conversation) for conversation in conversations()]
+    # one image size: transformers stacks the tiles and refuses different tile counts
+    inputs = proc(text=[prompt for prompt, _ in pairs], images=[[images[0]], [images[0]]],
+                  suffix=[answer for _, answer in pairs])
+    names = ["vision_tower.blocks.0.attn.qkv.weight", "multi_modal_projector.linear_1.weight",
+             "language_model.embed_tokens.weight",
+             "language_model.layers.0.self_attn.k_proj.weight",
+             "language_model.layers.1.mlp.down_proj.weight", "lm_head.weight"]
+    weights = {name: "model." + name.replace("vision_tower.", "vision_tower.timm_model.")
+               for name in names}
+    weights["lm_head.weight"] = "lm_head.weight"
+    errors = assert_same_loss_and_gradients(model, hf[variant][0], inputs, hf_inputs(inputs),
+                                            weights)
+    record_property("gradient_relative_errors", errors)
 
 
 @pytest.mark.parametrize("variant", VARIANTS)

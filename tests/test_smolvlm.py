@@ -13,10 +13,12 @@ import shutil
 import pytest
 import torch
 
+import common
 import smolvlm as S
 import smolvlm_fixture
 from helpers import one_thread  # noqa: F401  (a fixture: this module runs single-threaded)
-from helpers import assert_same_inputs, cli_in_process, decode_video, make_video, run_cli
+from helpers import (assert_chat_labels, assert_same_inputs, assert_same_loss_and_gradients,
+                     cli_in_process, decode_video, make_video, run_cli)
 
 VARIANTS = ["v1", "v1big", "v2"]
 
@@ -343,6 +345,50 @@ def test_mixed_tile_batch_equals_rows_alone(variant, ours, images):
     for i, (t, ims) in enumerate(zip(texts, [i for _, i in rows])):
         alone = model.generate(**proc(text=[t], images=[ims] if ims else None), max_new_tokens=8)
         assert torch.equal(batch[i], alone[0])
+
+
+# ----------------------------------------------------------------------------- training
+
+def conversations():
+    """A one-turn conversation and a two-turn one (its first answer is context, not learned)."""
+    first = [{"role": "user", "content": [{"type": "image"},
+                                          {"type": "text", "text": "Describe this image."}]},
+             {"role": "assistant", "content": [{"type": "text", "text": "A cow on the beach."}]}]
+    second = first + [
+        {"role": "user", "content": [{"type": "text", "text": "Where is it?"}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "On the sandy beach."}]}]
+    return [first, second]
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_chat_labels_cover_the_answer_and_end_of_turn(variant, ours, hf, images):
+    proc = ours[variant][1]
+    assert_chat_labels(proc, hf[variant][1], conversations(), [[images[0]], [images[1]]],
+                       "<end_of_utterance>")
+    prompt, answer = proc.prompt_and_answer(conversations()[0])
+    assert answer == " A cow on the beach.<end_of_utterance>"  # as the template writes it
+    with pytest.raises(common.VLMError, match="must end with the assistant"):
+        proc.prompt_and_answer(conversations()[0][:1])
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_loss_and_gradients_match_transformers(variant, ours, hf, images, record_property):
+    """A left-padded batch of two training rows: loss, and gradients through the vision tower, the
+    connector and the decoder."""
+    model, proc = ours[variant]
+    pairs = [proc.prompt_and_answer(conversation) for conversation in conversations()]
+    inputs = proc(text=[prompt for prompt, _ in pairs], images=[[images[0]], [images[1]]],
+                  suffix=[answer for _, answer in pairs])
+    names = ["model.vision_model.encoder.layers.0.self_attn.q_proj.weight",
+             "model.connector.modality_projection.proj.weight",
+             "model.text_model.embed_tokens.weight",
+             "model.text_model.layers.0.self_attn.k_proj.weight",
+             "model.text_model.layers.1.mlp.down_proj.weight", "lm_head.weight"]
+    errors = assert_same_loss_and_gradients(model, hf[variant][0], inputs, hf_inputs(inputs),
+                                            {name: name for name in names})
+    record_property("gradient_relative_errors", errors)
+    logits = model(**{k: v for k, v in inputs.items() if k != "labels"})  # no labels: logits
+    assert torch.is_tensor(logits) and logits.shape[:2] == inputs["input_ids"].shape
 
 
 def test_bfloat16_agrees_loosely(ckpt, images):

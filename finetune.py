@@ -1,0 +1,423 @@
+"""Fine-tune PaliGemma, SmolVLM or PerceptionLM on your own images and answers, in plain PyTorch.
+
+    python finetune.py --model HuggingFaceTB/SmolVLM2-256M-Video-Instruct --data train.jsonl \\
+        --output my-smolvlm --steps 200 --lora-rank 16
+
+The data is one JSON object a line: {"image": path | "images": [paths] | "video": path, "prompt":
+text, "answer": text}, paths relative to the data file. The model learns the answer only: the
+chat families get the checkpoint's chat template around the prompt and learn the answer and its
+end-of-turn token (processor.prompt_and_answer); PaliGemma learns the answer and <eos> after its
+prefix (processor(..., suffix=...)). Every line is read and encoded before the first step, and a bad
+one stops the run with its line number. The output is a checkpoint in the Hub layout that
+`load(DIR)` of the model file, and transformers, both load.
+
+Read top to bottom: the families, the data, LoRA, what trains, the learning rate, saving, the
+training loop, the command line.
+"""
+import argparse
+import datetime
+import json
+import math
+import os
+import random
+import shutil
+import sys
+import time
+from functools import partial
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from torch.utils.checkpoint import checkpoint
+
+import paligemma
+import perception_lm
+import smolvlm
+from common import (Linear, VLMError, checkpoint_files, open_image, read_json, resolve, run_cli,
+                    tied_parameters)
+
+# ------------------------------------------------------------ the families
+
+FAMILIES = {"paligemma": paligemma, "idefics3": smolvlm, "smolvlm": smolvlm,
+            "perception_lm": perception_lm}  # by config.json's model_type
+
+# Per family, the module paths of the parts --train chooses from (the decoder's first).
+# PaliGemma and PerceptionLM keep them at the top level, SmolVLM under `model.`.
+TOP_LEVEL_PARTS = dict(vision=["vision_tower"], projector=["multi_modal_projector"],
+                       decoder=["language_model", "lm_head"])
+PARTS = {"paligemma": TOP_LEVEL_PARTS, "perception_lm": TOP_LEVEL_PARTS,
+         "smolvlm": dict(vision=["model.vision_model"], projector=["model.connector"],
+                         decoder=["model.text_model", "lm_head"])}
+
+
+# ------------------------------------------------------------ data
+
+def read_examples(path):
+    """The data file -> examples {"where", "images", "videos", "prompt", "answer"}, each line
+    checked for its fields and its files (the encoding is checked once the processor is there)."""
+    path = Path(path)
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        why = getattr(e, "strerror", None) or e
+        raise VLMError(f"data {path} cannot be read ({why})") from None
+    examples = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        where = f"{path} line {number}"
+        try:
+            item = json.loads(line)
+        except ValueError as e:
+            raise VLMError(f"{where}: not JSON ({e})") from None
+        if not isinstance(item, dict):
+            raise VLMError(f"{where}: not a JSON object")
+        for field in ("prompt", "answer"):
+            if not isinstance(item.get(field), str):
+                raise VLMError(f"{where}: no {field!r} text")
+        media = [key for key in ("image", "images", "video") if key in item]
+        if len(media) != 1:
+            raise VLMError(f"{where}: give one of 'image', 'images' or 'video'")
+        images = item.get("images", [item["image"]] if "image" in item else [])
+        videos = [item["video"]] if "video" in item else []
+        if not isinstance(images, list) or not images + videos:
+            raise VLMError(f"{where}: 'images' must be a non-empty list of paths")
+        paths = images + videos
+        if not all(isinstance(name, str) for name in paths):
+            raise VLMError(f"{where}: the image and video paths must be text")
+        for name in paths:
+            if not (path.parent / name).is_file():
+                raise VLMError(f"{where}: {path.parent / name} not found")
+        examples.append(dict(where=where, images=[path.parent / f for f in images],
+                             videos=[str(path.parent / f) for f in videos],
+                             prompt=item["prompt"], answer=item["answer"]))
+    if not examples:
+        raise VLMError(f"data {path} holds no examples")
+    return examples
+
+
+def encode(family, processor, examples):
+    """Examples -> one left-padded batch of model inputs whose labels cover the answers only."""
+    images = [[open_image(name) for name in example["images"]] for example in examples]
+    videos = [video for example in examples for video in example["videos"]]
+    if family is paligemma:
+        if videos:
+            raise VLMError("PaliGemma reads images, not videos")
+        prompts = [example["prompt"] for example in examples]
+        answers = [example["answer"] for example in examples]
+        return processor(text=prompts, images=images, suffix=answers)
+    prompts = []
+    template_answers = []  # the answers as the chat template writes them, end-of-turn token last
+    for example in examples:
+        content = [{"type": "image"} for _ in example["images"]]
+        content += [{"type": "video"} for _ in example["videos"]]
+        content.append({"type": "text", "text": example["prompt"]})
+        answer = [{"type": "text", "text": example["answer"]}]
+        messages = [{"role": "user", "content": content}, {"role": "assistant", "content": answer}]
+        prompt, template_answer = processor.prompt_and_answer(messages)
+        prompts.append(prompt)
+        template_answers.append(template_answer)
+    return processor(text=prompts, images=images if any(images) else None,
+                     videos=videos or None, suffix=template_answers)
+
+
+def check_examples(family, processor, examples, context, batch_size):
+    """Encode every example once, before training: a bad image or video, a prompt the processor
+    refuses, or a prompt and answer longer than the context stop here, naming the line."""
+    for example in examples:
+        try:
+            inputs = encode(family, processor, [example])
+        except VLMError as e:
+            raise VLMError(f"{example['where']}: {e}") from None
+        n_tokens = inputs["input_ids"].shape[1]
+        if n_tokens > context:
+            raise VLMError(f"{example['where']}: the prompt and answer take {n_tokens} tokens, "
+                           f"more than the model's context of {context}")
+    with_video = {bool(example["videos"]) for example in examples}
+    if family is smolvlm and len(with_video) == 2 and batch_size > 1:  # its processor refuses it
+        raise VLMError("SmolVLM cannot batch images with videos: use --batch-size 1")
+
+
+def batches(examples, batch_size, seed):
+    """Endless batches of examples, shuffled anew at every pass over the data."""
+    rng = random.Random(seed)
+    while True:
+        order = list(examples)
+        rng.shuffle(order)
+        for start in range(0, len(order), batch_size):
+            yield order[start:start + batch_size]
+
+
+# ------------------------------------------------------------ LoRA
+
+class LoRALinear(nn.Module):
+    """A frozen linear layer plus a trainable low-rank update (LoRA, arXiv:2106.09685): y = W x +
+    (alpha / r) B A x. B starts at zero, so training starts from the loaded model exactly."""
+
+    def __init__(self, base, rank, alpha):
+        super().__init__()
+        self.base = base
+        self.scale = alpha / rank
+        weight = base.weight
+        self.lora_a = nn.Parameter(torch.empty(rank, base.in_features, dtype=weight.dtype,
+                                               device=weight.device))
+        # A as the paper's code (loralib) and peft draw it: nn.Linear's default initialisation
+        nn.init.kaiming_uniform_(self.lora_a, a=math.sqrt(5))
+        self.lora_b = nn.Parameter(torch.zeros(base.out_features, rank, dtype=weight.dtype,
+                                               device=weight.device))
+
+    def forward(self, x):  # (..., in) -> (..., out)
+        low_rank = x @ self.lora_a.t()  # (..., r)
+        update = low_rank @ self.lora_b.t()  # (..., out)
+        return self.base(x) + update * self.scale
+
+    def merged(self):
+        """The base layer with the update folded into its weight, W + (alpha / r) B A (in fp32)."""
+        with torch.no_grad():
+            delta = self.lora_b.float() @ self.lora_a.float() * self.scale  # (out, in)
+            self.base.weight += delta.to(self.base.weight.dtype)
+        return self.base
+
+
+def replace_modules(model, kind, make):
+    """Every submodule of type `kind` replaced by make(submodule)."""
+    for name, module in list(model.named_modules()):
+        if isinstance(module, kind):
+            parent_name, _, attribute = name.rpartition(".")
+            setattr(model.get_submodule(parent_name), attribute, make(module))
+
+
+def add_lora(decoder, rank, alpha):
+    """LoRA on each linear layer of the decoder (attention and MLP projections)."""
+    replace_modules(decoder, Linear, partial(LoRALinear, rank=rank, alpha=alpha))
+
+
+def merge_lora(model):
+    """Every LoRA layer folded back into a plain linear layer: the model of the checkpoint keys."""
+    replace_modules(model, LoRALinear, LoRALinear.merged)
+
+
+# ------------------------------------------------------------ what trains
+
+def prepare(model, family, parts, lora_rank, lora_alpha, recompute):
+    """Freeze all, then unfreeze the parts to train; with LoRA the decoder trains through its
+    adapters. `recompute`: gradient checkpointing, each layer's activations recomputed in the
+    backward pass instead of stored (memory for one layer, about a third more compute)."""
+    paths = PARTS[family.__name__]
+    model.requires_grad_(False)
+    for part in parts:
+        if part == "decoder" and lora_rank:
+            add_lora(model.get_submodule(paths["decoder"][0]), lora_rank, lora_alpha)
+            continue
+        for path in paths[part]:
+            model.get_submodule(path).requires_grad_(True)
+    if recompute:
+        for module in model.modules():
+            if isinstance(module, nn.ModuleList):  # the vision tower's or the decoder's layers
+                for layer in module:
+                    layer.forward = partial(checkpoint, layer.forward, use_reentrant=False)
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def learning_rate(step, total, peak, warmup):
+    """Linear warm-up to `peak` over `warmup` steps, then a cosine decay towards 0 at `total`
+    (arXiv:1608.03983; transformers' get_cosine_schedule_with_warmup, counted from step 1)."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return peak * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+# ------------------------------------------------------------ saving
+
+SHARD_BYTES = 5 * 2 ** 30  # shards of at most 5 GB, as the Hub checkpoints are cut
+
+
+def hub_state(model, rename, source):
+    """Our state dict under the source checkpoint's key names: each hub key of `source` is renamed
+    as load() renames it, and the inverse map names our tensors. A tied weight is written once."""
+    from safetensors import safe_open
+    hub_key = {}
+    for file_name in checkpoint_files(source):
+        with safe_open(Path(source) / file_name, framework="pt") as f:
+            for key in f.keys():
+                if rename(key) is not None:
+                    hub_key[rename(key)] = key
+    tied = tied_parameters(model)
+    state = {}
+    for name, tensor in model.state_dict().items():
+        if name in tied:
+            continue
+        if name not in hub_key:
+            raise VLMError(f"weight {name} has no key in {source}")
+        state[hub_key[name]] = tensor.detach().to("cpu").contiguous()
+    return state
+
+
+def write_checkpoint(folder, state, source, dtype, shard_bytes):
+    """model.safetensors, or shards with their index when larger than `shard_bytes`; config.json
+    with the saved dtype; the tokenizer, processor, chat template and generation files copied."""
+    from safetensors.torch import save_file
+    shards = [{}]
+    shard_size = 0
+    for key, tensor in state.items():
+        size = tensor.numel() * tensor.element_size()
+        if shards[-1] and shard_size + size > shard_bytes:
+            shards.append({})
+            shard_size = 0
+        shards[-1][key] = tensor
+        shard_size += size
+    if len(shards) == 1:
+        save_file(shards[0], folder / "model.safetensors", metadata={"format": "pt"})
+    else:
+        weight_map = {}
+        for number, shard in enumerate(shards, 1):
+            file_name = f"model-{number:05d}-of-{len(shards):05d}.safetensors"
+            save_file(shard, folder / file_name, metadata={"format": "pt"})
+            weight_map.update({key: file_name for key in shard})
+        total = sum(t.numel() * t.element_size() for t in state.values())
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    config = read_json(Path(source) / "config.json")
+    config["torch_dtype"] = str(dtype).removeprefix("torch.")
+    config.pop("dtype", None)  # the 5.x name of the same field
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
+    for path in sorted(Path(source).iterdir()):
+        weights_files = ("config.json", "model.safetensors.index.json")
+        if path.suffix in (".json", ".jinja") and path.name not in weights_files:
+            shutil.copyfile(path, folder / path.name)
+
+
+def save(model, family, source, output, shard_bytes=SHARD_BYTES):
+    """The trained model (LoRA merged) as a checkpoint in `output`, written atomically: into a
+    hidden folder beside it, renamed to `output` only once complete, so that a crash never leaves
+    a folder that looks like a checkpoint."""
+    merge_lora(model)
+    rename = family.hub_name  # as the family's load() renames hub keys
+    if family is perception_lm:  # whether a stored output head is read depends on the tying
+        rename = partial(perception_lm.hub_name, tied=model.cfg.tie_word_embeddings)
+    state = hub_state(model, rename, source)
+    output = Path(output)
+    partial_folder = output.with_name(f".{output.name}.partial-{os.getpid()}")
+    partial_folder.mkdir(parents=True)
+    try:
+        write_checkpoint(partial_folder, state, source, next(model.parameters()).dtype,
+                         shard_bytes)
+        partial_folder.rename(output)  # (POSIX rename replaces an empty directory: see main())
+    finally:
+        shutil.rmtree(partial_folder, ignore_errors=True)
+
+
+# ------------------------------------------------------------ training
+
+def to_device(inputs, device):
+    return {name: value.to(device) for name, value in inputs.items()}
+
+
+def evaluate(model, family, processor, examples, batch_size, device):
+    """The mean loss over every answer token of the held-out examples."""
+    total_loss = 0.0
+    n_tokens = 0
+    with torch.no_grad():
+        for start in range(0, len(examples), batch_size):
+            inputs = encode(family, processor, examples[start:start + batch_size])
+            _, loss = model(**to_device(inputs, device))
+            n_answer = int((inputs["labels"][:, 1:] != -100).sum())  # the predicted ones
+            total_loss += loss.item() * n_answer
+            n_tokens += n_answer
+    return total_loss / n_tokens
+
+
+def train(model, family, processor, examples, eval_examples, trainable, args):
+    device = next(model.parameters()).device
+    optimizer = torch.optim.AdamW(trainable, lr=args.lr)
+    warmup = args.warmup_steps
+    if warmup is None:
+        warmup = max(1, args.steps // 10)
+    data = batches(examples, args.batch_size, args.seed)
+    start = time.perf_counter()
+    n_tokens = 0
+    losses = []
+    for step in range(args.steps):
+        lr = learning_rate(step, args.steps, args.lr, warmup)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        step_loss = 0.0
+        for _ in range(args.grad_accum):  # gradients summed over micro-batches, then one step
+            inputs = encode(family, processor, next(data))
+            _, loss = model(**to_device(inputs, device))
+            (loss / args.grad_accum).backward()
+            step_loss += loss.item() / args.grad_accum
+            n_tokens += int(inputs["attention_mask"].sum())
+        torch.nn.utils.clip_grad_norm_(trainable, 1.0)  # transformers' Trainer default
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(step_loss)
+        elapsed = time.perf_counter() - start
+        left = datetime.timedelta(seconds=round(elapsed / (step + 1) * (args.steps - step - 1)))
+        print(f"step {step + 1}/{args.steps}  loss {step_loss:.4f}  lr {lr:.2e}  "
+              f"{n_tokens / elapsed:.0f} tokens/s  {left} left", flush=True)
+        if eval_examples and ((step + 1) % args.eval_every == 0 or step + 1 == args.steps):
+            eval_loss = evaluate(model, family, processor, eval_examples, args.batch_size, device)
+            print(f"step {step + 1}  eval loss {eval_loss:.4f}", flush=True)
+    return losses
+
+
+# ------------------------------------------------------------ command line
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="Fine-tune PaliGemma, SmolVLM or PerceptionLM on "
+                                "images (or videos), prompts and answers.")
+    p.add_argument("--model", required=True, help="hub repo id or local checkpoint directory")
+    p.add_argument("--data", required=True, help="training data, JSON lines (see the docstring)")
+    p.add_argument("--output", required=True, help="the checkpoint directory to write")
+    p.add_argument("--steps", type=int, default=100, help="optimizer steps (100)")
+    p.add_argument("--batch-size", type=int, default=1, help="examples per micro-batch (1)")
+    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per step (1)")
+    p.add_argument("--lr", type=float, default=1e-5, help="peak learning rate of AdamW (1e-5)")
+    p.add_argument("--warmup-steps", type=int, default=None, help="default: a tenth of --steps")
+    p.add_argument("--train", nargs="+", default=["decoder"],
+                   choices=["decoder", "projector", "vision"], help="the parts to train (decoder)")
+    p.add_argument("--lora-rank", type=int, default=0, help="train the decoder through LoRA "
+                   "adapters of this rank, merged into the weights when saving (0: no LoRA)")
+    p.add_argument("--lora-alpha", type=float, default=16.0, help="LoRA scale alpha / rank (16)")
+    p.add_argument("--eval-data", help="held-out JSON lines: their loss every --eval-every steps")
+    p.add_argument("--eval-every", type=int, default=50, help="(50)")
+    p.add_argument("--seed", type=int, default=0, help="data order and LoRA initialisation (0)")
+    p.add_argument("--dtype", default="float32", help="float32 (the default: exact updates) or "
+                   "bfloat16 (half the memory; small updates are lost to rounding)")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--gradient-checkpointing", action="store_true",
+                   help="recompute activations in the backward pass: less memory, ~1/3 slower")
+    args = p.parse_args(argv)
+    for flag in ("steps", "batch_size", "grad_accum", "eval_every"):
+        if getattr(args, flag) <= 0:
+            raise VLMError(f"--{flag.replace('_', '-')} must be positive")
+    output = Path(args.output)
+    if output.exists() and (not output.is_dir() or any(output.iterdir())):
+        raise VLMError(f"--output {output} exists and is not an empty directory")
+    examples = read_examples(args.data)  # field and file errors before the slow load
+    eval_examples = read_examples(args.eval_data) if args.eval_data else []
+    folder = resolve(args.model)
+    model_type = read_json(folder / "config.json").get("model_type")
+    if model_type not in FAMILIES:
+        raise VLMError(f"{folder} holds a {model_type!r} checkpoint, not one of {list(FAMILIES)}")
+    family = FAMILIES[model_type]
+    torch.manual_seed(args.seed)
+    model, processor = family.load(str(folder), args.device, args.dtype)
+    context = model.cfg.text.max_position_embeddings
+    for data in (examples, eval_examples):
+        check_examples(family, processor, data, context, args.batch_size)
+    trainable = prepare(model, family, args.train, args.lora_rank, args.lora_alpha,
+                        args.gradient_checkpointing)
+    n_trainable = sum(p.numel() for p in trainable)
+    print(f"training {n_trainable:,} parameters ({', '.join(args.train)}) on {len(examples)} "
+          f"examples", file=sys.stderr)
+    model.train()
+    train(model, family, processor, examples, eval_examples, trainable, args)
+    save(model, family, folder, output)
+    print(f"saved {output}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    run_cli(main)
