@@ -194,17 +194,18 @@ class Linear(nn.Linear):
 
 INT4_GROUP = 64  # weights per int4 scale: 64 divides every real in-features count (576, 1536,
 # 2048, 2304, 8192, 9216) and decodes ~10% faster than groups of 32 (bench/RESULTS.md)
-QUANTIZE_ROWS = 4096  # rows quantized at a time: the fp32 temporaries of a 257,216-row head stay
-# ~40 MB instead of 2.4 GB
+QUANTIZE_ROWS = 1024  # rows quantized at a time: fp32 temporaries of at most ~40 MB (a whole
+# 257,216-row head would take 2.4 GB), changed in place (fresh pages cost more than the arithmetic)
 
 
 def quantize_int8(weight):
     """Symmetric round-to-nearest per output channel: weight (out, in) ~ q * scale[:, None] with q
     in [-127, 127] -> (q int8 (out, in), scale fp32 (out,))."""
-    w = weight.float()
-    scale = w.abs().amax(dim=1).clamp(min=1e-12) / 127  # (out,): the largest weight maps to 127
-    q = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8)
-    return q, scale
+    w = weight.to(torch.float32, copy=True)  # changed in place below
+    low, high = torch.aminmax(w, dim=1)  # (out,) each
+    scale = torch.maximum(-low, high).clamp(min=1e-12) / 127  # the largest |weight| maps to 127
+    q = w.div_(scale[:, None]).round_().clamp_(-127, 127)
+    return q.to(torch.int8), scale
 
 
 def quantize_int4(weight, group_size):
@@ -212,10 +213,10 @@ def quantize_int4(weight, group_size):
     group's min and max, as gpt-fast and torchao do): weight ~ q * scale + low, q in [0, 15] ->
     (q uint8 (out, in), scale fp32 (out, in / group), low fp32 (out, in / group))."""
     out_features, in_features = weight.shape
-    groups = weight.float().view(out_features, in_features // group_size, group_size)
-    low = groups.amin(dim=-1)  # (out, groups)
-    scale = (groups.amax(dim=-1) - low).clamp(min=1e-12) / 15  # (out, groups)
-    q = torch.round((groups - low[..., None]) / scale[..., None]).clamp(0, 15)
+    groups = weight.to(torch.float32, copy=True).view(out_features, -1, group_size)
+    low, high = torch.aminmax(groups, dim=-1)  # (out, groups) each
+    scale = (high - low).clamp(min=1e-12) / 15
+    q = groups.sub_(low[..., None]).div_(scale[..., None]).round_().clamp_(0, 15)
     return q.to(torch.uint8).view(out_features, in_features), scale, low
 
 
