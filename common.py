@@ -222,17 +222,15 @@ def quantize_int4(weight, group_size):
 
 def pack_int4(q):
     """q uint8 (out, in) in [0, 15] -> the layout of torch's CPU int4 kernel, uint8 (out, in / 2).
-    The layout packs blocks of 64 rows on their own, so it is built a block of rows at a time (the
-    kernel's converter takes int32: 4 bytes a weight)."""
-    blocks = [torch._convert_weight_to_int4pack_for_cpu(rows.int(), 2) for rows in q.split(1024)]
-    return torch.cat(blocks)
+    Its converter takes int32 (4 bytes a weight): load_weights gives it 1024 rows at a time."""
+    return torch._convert_weight_to_int4pack_for_cpu(q.int(), 2)
 
 
 class Int8Linear(nn.Module):
     """A decoder Linear with int8 weights and one scale per output channel: y = (x @ q.T) * scale,
     by torch._weight_int8pack_mm for a few rows (decoding). A prompt's many rows go through the
-    dtype's matrix product instead, on q converted (exactly) to that dtype: that kernel is ~10x
-    faster than the int8 one at 256 rows (bench/RESULTS.md)."""
+    dtype's matrix product instead, on q converted (exactly) to that dtype: at 256 rows the int8
+    kernel takes ~10x the time of a bf16 product, ~2x that of converting first (bench/)."""
 
     def __init__(self, in_features, out_features, dtype):
         super().__init__()
@@ -315,8 +313,8 @@ def quantize_linears(model, quantize, dtype):
 
 
 def quantize_in_blocks(module, weight):
-    """module.quantize(weight) a block of QUANTIZE_ROWS rows at a time (every scheme here is
-    per row) -> the module's buffers."""
+    """module.quantize(weight) a block of QUANTIZE_ROWS rows at a time (every scheme here is per
+    row, and the int4 layout packs blocks of 64 rows on their own) -> the module's buffers."""
     parts = [module.quantize(rows) for rows in weight.split(QUANTIZE_ROWS)]
     # int4 scales are (groups, out, 2): the rows are their second dimension
     return {key: torch.cat([part[key] for part in parts], dim=1 if key == "scale_and_zero" else 0)

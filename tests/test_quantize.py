@@ -156,12 +156,11 @@ def test_int4_is_within_half_a_step_and_the_group_ends_are_exact():
 
 def test_int4_packing_round_trips_through_the_kernel():
     """Multiplying the identity by the packed weights, with scale 1 and zero 8 (the kernel
-    computes (q - 8) * scale + zero), gives back every q; packing 1024 rows at a time equals packing
-    the whole matrix (2,096 rows: two blocks and a tail of 48, which is not a multiple of 64)."""
+    computes (q - 8) * scale + zero), gives back every q (2,096 rows: a tail of 48 after the
+    kernel's blocks of 64)."""
     q = torch.randint(0, 16, (2096, 128), dtype=torch.uint8)
     packed = common.pack_int4(q)
-    assert packed.shape == (2096, 64)
-    assert torch.equal(packed, torch._convert_weight_to_int4pack_for_cpu(q.int(), 2))
+    assert packed.shape == (2096, 64) and packed.dtype == torch.uint8
     scale_and_zero = torch.zeros(128 // GROUP, 2096, 2)
     scale_and_zero[..., 0] = 1
     scale_and_zero[..., 1] = 8
@@ -188,7 +187,8 @@ def test_linear_modules_equal_the_dequantized_product(kind, rows):
 
 
 def test_quantizing_a_tall_matrix_in_row_blocks_is_the_same():
-    weight = torch.randn(common.QUANTIZE_ROWS * 2 + 64, GROUP)
+    """Blocks of 1024 rows and a tail of 48 (int4 packs its own blocks of 64 rows)."""
+    weight = torch.randn(common.QUANTIZE_ROWS * 2 + 48, GROUP)
     module = common.Int4Linear(GROUP, len(weight), torch.float32)
     buffers = common.quantize_in_blocks(module, weight)
     whole = module.quantize(weight)
