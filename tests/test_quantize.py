@@ -309,3 +309,22 @@ def test_refused_off_the_cpu_and_unknown_schemes(ckpt):
         perception_lm.load(str(ckpt["1b"]), device="meta", quantize="int8")
     with pytest.raises(common.VLMError, match="unknown quantization 'nf4'"):
         perception_lm.load(str(ckpt["1b"]), quantize="nf4")
+
+
+@pytest.mark.parametrize("variant", ["pg2", "v1", "1b"])
+def test_bench_counts_the_quantized_bytes(variant, models):
+    """bench/measure.py's decode bytes (the bandwidth column): the quantized buffers instead of the
+    weights they replace, and a tied embedding no longer (it is only looked up)."""
+    import sys
+
+    from conftest import ROOT
+    sys.path.insert(0, str(ROOT / "bench"))
+    import measure
+    for quantize in ("int8", "int4"):
+        model, _ = models[variant][quantize]
+        quantized = [m for m in model.modules()
+                     if isinstance(m, (common.Int8Linear, common.Int4Linear))]
+        buffers = sum(b.numel() * b.element_size() for m in quantized for b in m.buffers())
+        norms = sum(p.numel() * p.element_size() for n, p in model.named_parameters()
+                    if not n.startswith(measure.VISION_PREFIXES) and "embed_tokens" not in n)
+        assert measure.decode_bytes(model) == buffers + norms
