@@ -18,6 +18,7 @@ import sys
 import time
 import warnings
 from dataclasses import fields
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -519,12 +520,20 @@ def checkpoint_files(folder):
     return ["model.safetensors"]
 
 
+def read_tensor(path, key, device):
+    """One tensor of a safetensors file, through its own open: the file pages it maps are released
+    with it (a tensor kept as it is stays mapped; one converted or quantized is let go at once)."""
+    from safetensors import safe_open
+    with safe_open(path, framework="pt", device=str(device)) as f:
+        return f.get_tensor(key)
+
+
 def read_checkpoint(folder, rename, expected, device, convert):
     """Every tensor of the checkpoint -> {our name: tensor}, with one strict check: each tensor maps
     to a parameter (`rename` gives its name, or None to skip it), each parameter is found, each
-    shape matches; an error names the key. `expected` is {name: shape}; `convert(name, tensor)` runs
-    on each as it is read and gives the entries it makes ({name: tensor}, or a quantized weight's
-    buffers)."""
+    shape matches; an error names the key. `expected` is {name: shape}; `convert(name, read)` runs
+    on each, `read()` giving the tensor, and returns the entries it makes ({name: tensor}, or a
+    quantized weight's buffers)."""
     from safetensors import SafetensorError, safe_open
     state = {}
     found = set()
@@ -532,23 +541,19 @@ def read_checkpoint(folder, rename, expected, device, convert):
         path = Path(folder) / file_name
         try:
             with safe_open(path, framework="pt") as f:
-                keys = list(f.keys())
-            for key in keys:
+                shapes = {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}
+            for key, shape in shapes.items():
                 name = rename(key)
                 if name is None:
                     continue
                 if name not in expected:
                     raise VLMError(f"unexpected tensor {key} in {file_name}: not a weight of this "
                                    "model")
-                # one open per tensor: the file pages a converted tensor came from are released at
-                # once
-                with safe_open(path, framework="pt", device=str(device)) as f:
-                    shape = tuple(f.get_slice(key).get_shape())
-                    if shape != tuple(expected[name]):
-                        wanted = tuple(expected[name])
-                        raise VLMError(f"tensor {key} has shape {shape}, expected {wanted}")
-                    state.update(convert(name, f.get_tensor(key)))
-                    found.add(name)
+                if shape != tuple(expected[name]):
+                    wanted = tuple(expected[name])
+                    raise VLMError(f"tensor {key} has shape {shape}, expected {wanted}")
+                state.update(convert(name, partial(read_tensor, path, key, device)))
+                found.add(name)
         except (OSError, RuntimeError, ValueError, SafetensorError) as e:  # a missing or cut shard
             raise VLMError(f"cannot read weights {path}: {first_line(e)}") from None
     missing = [name for name in expected if name not in found]
@@ -595,12 +600,13 @@ def load_weights(make, folder, rename, device=None, dtype=None, quantize=None):
         buffers = quantize_in_blocks(quantized[name], tensor)
         return {prefix + key: value for key, value in buffers.items()}
 
-    def convert(name, tensor):
+    def convert(name, read):
         if name in quantized:
-            return quantized_entries(name, tensor)
+            return quantized_entries(name, read())
         entries = {}
-        if name in head_of:
-            entries = quantized_entries(head_of[name], tensor)
+        if name in head_of:  # read for itself: the embedding's pages it touches are let go after
+            entries = quantized_entries(head_of[name], read())
+        tensor = read()
         tall = tensor.dim() == 2 and tensor.shape[0] >= tensor.shape[1]
         if relayout and tall and "vision" not in name:
             tensor = tensor.t().contiguous().t()  # column-major; .to() keeps the layout
