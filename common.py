@@ -249,7 +249,11 @@ class Int8Linear(nn.Module):
     def forward(self, x):  # (..., in) -> (..., out)
         rows = x.reshape(-1, self.in_features)  # (n, in)
         if len(rows) > 32:
-            y = F.linear(rows, self.weight.to(x.dtype)) * self.scale  # (n, out)
+            # converted 4M weights at a time: a block under glibc's 32 MB mmap threshold reuses
+            # freed memory, where a whole 9216 x 2304 matrix would fault in fresh pages each call
+            blocks = self.weight.split(max(1, 2**22 // self.in_features))
+            products = [F.linear(rows, block.to(x.dtype)) for block in blocks]  # (n, block) each
+            y = torch.cat(products, dim=-1) * self.scale  # (n, out)
         else:
             y = torch._weight_int8pack_mm(rows, self.weight, self.scale)  # (n, out)
         return y.view(*x.shape[:-1], self.out_features)

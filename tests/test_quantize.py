@@ -328,3 +328,14 @@ def test_bench_counts_the_quantized_bytes(variant, models):
         norms = sum(p.numel() * p.element_size() for n, p in model.named_parameters()
                     if not n.startswith(measure.VISION_PREFIXES) and "embed_tokens" not in n)
         assert measure.decode_bytes(model) == buffers + norms
+
+
+def test_int8_prompt_path_in_blocks_of_rows():
+    """Above 32 rows the int8 weights are converted 4M at a time: 300 x 32768 is 3 blocks."""
+    torch.manual_seed(0)
+    weight = torch.randn(300, 2**15)
+    module = common.Int8Linear(2**15, 300, torch.float32)
+    for key, value in module.quantize(weight).items():
+        setattr(module, key, value)
+    x = torch.randn(40, 2**15)
+    assert relative_error(module(x), x @ dequantized_int8(module).t()) < 1e-5
