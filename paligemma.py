@@ -559,15 +559,16 @@ def hub_name(key):
     return key.replace("language_model.model.", "language_model.")
 
 
-def load(model=DEFAULT_MODEL, device=None, dtype=None):
-    """Load a PaliGemma checkpoint (hub repo id or local directory) -> (model, processor)."""
+def load(model=DEFAULT_MODEL, device=None, dtype=None, quantize=None):
+    """Load a PaliGemma checkpoint (hub repo id or local directory) -> (model, processor).
+    quantize: None, "int8" or "int4" decoder weights (common.load_weights)."""
     folder = resolve(model)
     cfg = Config.from_folder(folder)
 
     def make():
         return PaliGemma(cfg)
 
-    m = load_weights(make, folder, hub_name, device, dtype)
+    m = load_weights(make, folder, hub_name, device, dtype, quantize)
     processor = Processor(folder)
     m.stop = stop_ids(folder, processor.tokenizer.token_to_id(processor.eos))
     m.pad_id = processor.pad_id
@@ -846,7 +847,7 @@ def main(argv=None):
     if args.vae:  # a bad mask decoder file fails before the slow load too
         decoder = load_mask_decoder(args.vae)
     start = time.perf_counter()
-    model, processor = load(args.model, args.device, args.dtype)
+    model, processor = load(args.model, args.device, args.dtype, args.quantize)
     load_seconds = time.perf_counter() - start
     inputs = processor(text=[args.prompt], images=[images])
     new_ids = stream_answer(model, processor, inputs, args, load_seconds)

@@ -792,12 +792,14 @@ def hub_name(key, tied):
     return key.removeprefix("model.").replace("vision_tower.timm_model.", "vision_tower.")
 
 
-def load(model=DEFAULT_MODEL, device=None, dtype=None):
-    """Load a PerceptionLM checkpoint (hub repo id or local directory) -> (model, processor)."""
+def load(model=DEFAULT_MODEL, device=None, dtype=None, quantize=None):
+    """Load a PerceptionLM checkpoint (hub repo id or local directory) -> (model, processor).
+    quantize: None, "int8" or "int4" decoder weights (common.load_weights)."""
     folder = resolve(model)
     cfg = Config.from_folder(folder)
     rename = partial(hub_name, tied=cfg.tie_word_embeddings)
-    perception_lm = load_weights(partial(PerceptionLM, cfg), folder, rename, device, dtype)
+    perception_lm = load_weights(partial(PerceptionLM, cfg), folder, rename, device, dtype,
+                                 quantize)
     processor = Processor(folder, cfg)
     processor.stop = stop_ids(folder, *processor.stop)
     perception_lm.stop = processor.stop
@@ -834,7 +836,7 @@ def main(argv=None):
         frames, _ = read_video(args.video, uniform_frames(args.num_frames))
         videos.append(frames)
     start = time.perf_counter()
-    model, processor = load(args.model, args.device, args.dtype)
+    model, processor = load(args.model, args.device, args.dtype, args.quantize)
     load_seconds = time.perf_counter() - start
     text = args.prompt
     if not args.raw:  # a user turn: images, then the video, then the text (the template's order)

@@ -416,7 +416,7 @@ class SmolVLM(nn.Module):
         device = input_ids.device
         max_len = T + max_new_tokens
         cache = KVCache(text.num_hidden_layers, B, text.num_key_value_heads, max_len, text.head_dim,
-                        self.lm_head.weight.dtype, device)
+                        self.model.text_model.embed_tokens.weight.dtype, device)
         # the attention mask of the whole run, made once: generated tokens are real keys
         keys = torch.ones(B, max_len, dtype=torch.bool, device=device)
         if attention_mask is not None:
@@ -855,12 +855,13 @@ def hub_name(key):
     return key
 
 
-def load(model=DEFAULT_MODEL, device=None, dtype=None):
-    """A SmolVLM or SmolVLM2 checkpoint (hub repo id or local directory) -> (model, processor)."""
+def load(model=DEFAULT_MODEL, device=None, dtype=None, quantize=None):
+    """A SmolVLM or SmolVLM2 checkpoint (hub repo id or local directory) -> (model, processor).
+    quantize: None, "int8" or "int4" decoder weights (common.load_weights)."""
     folder = resolve(model)
     cfg = Config.from_folder(folder)
     processor = Processor(folder, cfg)
-    smolvlm = load_weights(lambda: SmolVLM(cfg), folder, hub_name, device, dtype)
+    smolvlm = load_weights(lambda: SmolVLM(cfg), folder, hub_name, device, dtype, quantize)
     # the processor's end tokens with config.json's and generation_config.json's
     stop = stop_ids(folder, *processor.stop)
     processor.stop = stop
@@ -909,7 +910,7 @@ def main(argv=None):
     # a bad video fails here, before the slow load
     inputs = processor(text=[prompt], images=image_rows, videos=videos, num_frames=args.num_frames)
     start = time.perf_counter()
-    model, processor = load(str(folder), args.device, args.dtype)
+    model, processor = load(str(folder), args.device, args.dtype, args.quantize)
     load_seconds = time.perf_counter() - start
     stream_answer(model, processor, inputs, args, load_seconds)
 

@@ -3,6 +3,7 @@ process.
 
     python bench/compare.py paligemma --size pg2-3b-224 --dtype bfloat16
     python bench/compare.py smolvlm --size 256m --dtype float32 --repeats 5
+    python bench/compare.py paligemma --size pg2-3b-224 --dtype bfloat16 --quantize int8
     # real weights
     python bench/compare.py paligemma --checkpoint ~/models/paligemma2-3b-mix-224 --dtype float32
 
@@ -32,9 +33,11 @@ METRICS = [("decode_tok_s", "decode, batch 1", "tok/s", "higher", 1.5, "{:.2f}")
             "{:.0f}")]
 
 
-def measure(impl, family, folder, dtype, new_tokens, threads):
+def measure(impl, family, folder, dtype, new_tokens, threads, quantize=None):
     cmd = [sys.executable, str(HERE / "measure.py"), impl, family, str(folder), "--dtype", dtype,
            "--new-tokens", str(new_tokens)] + (["--threads", str(threads)] if threads else [])
+    if quantize:
+        cmd += ["--quantize", quantize]
     r = subprocess.run(cmd, capture_output=True, text=True)
     if r.returncode != 0:
         sys.exit(f"{impl} failed:\n{r.stderr[-3000:]}")
@@ -88,6 +91,36 @@ def table(family, size, dtype, runs, bandwidth, threads):
     return "\n".join(lines)
 
 
+def quantized_table(family, size, dtype, quantize, runs, bandwidth, threads):
+    """Ours quantized beside ours unquantized and transformers (both in `dtype`)."""
+    med = {impl: {k: statistics.median(r[k] for r in runs[impl]) for k in runs[impl][0]}
+           for impl in runs}
+    q, ours, hf = med[quantize], med["ours"], med["hf"]
+    lines = [f"### {family} {size}, {quantize} (activations {dtype}), {threads} threads "
+             f"({len(runs['hf'])} runs each, median)", "",
+             f"| metric | ours {quantize} | ours {dtype} | transformers {dtype} | "
+             f"{quantize} / ours | {quantize} / transformers |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    for key, label, unit, better, target, fmt in METRICS:
+        lines.append(f"| {label} ({unit}) | {fmt.format(q[key])} | {fmt.format(ours[key])} | "
+                     f"{fmt.format(hf[key])} | {q[key] / ours[key]:.2f} | {q[key] / hf[key]:.2f} |")
+    cells = []
+    for impl in (quantize, "ours", "hf"):
+        achieved = med[impl]["decode_bytes"] * med[impl]["decode_tok_s"] / 1e9
+        cells.append(f"{achieved:.1f} ({100 * achieved / bandwidth:.0f}%)")
+    lines.append(f"| decode bandwidth (GB/s; % of the {bandwidth:.1f} GB/s read ceiling) | "
+                 + " | ".join(cells) + " | | |")
+    lines.append(f"\nDecode reads {q['decode_bytes'] / 1e9:.2f} GB per token in {quantize} "
+                 f"({ours['decode_bytes'] / 1e9:.2f} GB in {dtype}). Prompt: "
+                 f"{int(q['prompt_tokens'])} tokens; {int(q['tokens'])} new tokens per run. "
+                 f"Spread of decode tok/s over the runs, {quantize}: "
+                 f"{min(r['decode_tok_s'] for r in runs[quantize]):.2f}-"
+                 f"{max(r['decode_tok_s'] for r in runs[quantize]):.2f}, {dtype}: "
+                 f"{min(r['decode_tok_s'] for r in runs['ours']):.2f}-"
+                 f"{max(r['decode_tok_s'] for r in runs['ours']):.2f}.")
+    return "\n".join(lines)
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("family", choices=["paligemma", "smolvlm", "perception_lm"])
@@ -98,6 +131,8 @@ def main():
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--threads", type=int, default=None,
                    help="torch threads (default: torch's own choice)")
+    p.add_argument("--quantize", choices=["int8", "int4"], default=None,
+                   help="also run ours with quantized decoder weights, in turn with the other two")
     p.add_argument("--no-write", action="store_true",
                    help="print the table without appending to RESULTS.md")
     a = p.parse_args()
@@ -110,12 +145,21 @@ def main():
                         capture_output=True, text=True, check=True)
     bandwidth = json.loads(bw.stdout)["read_gb_s"]
     runs = {"ours": [], "hf": []}
+    if a.quantize:
+        runs[a.quantize] = []
     for i in range(a.repeats):
-        for impl in ("ours", "hf"):
-            runs[impl].append(measure(impl, a.family, folder, a.dtype, a.new_tokens, a.threads))
+        for impl in runs:
+            quantize = impl if impl == a.quantize else None
+            which = "ours" if quantize else impl
+            runs[impl].append(measure(which, a.family, folder, a.dtype, a.new_tokens, a.threads,
+                                      quantize))
             print(f"run {i + 1}/{a.repeats} {impl}: {runs[impl][-1]}", file=sys.stderr)
     threads = runs["ours"][0]["threads"]
-    text = table(a.family, a.size or folder.name, a.dtype, runs, bandwidth, threads)
+    if a.quantize:
+        text = quantized_table(a.family, a.size or folder.name, a.dtype, a.quantize, runs,
+                               bandwidth, threads)
+    else:
+        text = table(a.family, a.size or folder.name, a.dtype, runs, bandwidth, threads)
     stamp = f"{datetime.date.today()} — {machine()}; read bandwidth {bandwidth:.1f} GB/s"
     print(f"{text}\n\n{stamp}")
     if not a.no_write:

@@ -51,11 +51,11 @@ def chat(family, processor, batch):
     return [processor.apply_chat_template(messages, add_generation_prompt=True)] * batch
 
 
-def load(impl, family, folder, dtype):
+def load(impl, family, folder, dtype, quantize=None):
     if impl == "ours":
         import importlib
         module = importlib.import_module(family)
-        return module.load(str(folder), device="cpu", dtype=dtype)
+        return module.load(str(folder), device="cpu", dtype=dtype, quantize=quantize)
     from transformers import AutoModelForImageTextToText, AutoProcessor
     model = AutoModelForImageTextToText.from_pretrained(folder, dtype=dtype).eval()
     return model, AutoProcessor.from_pretrained(folder)
@@ -97,11 +97,17 @@ def run(impl, family, model, processor, batch, new_tokens):
 def decode_bytes(model):
     """Bytes a decode step must read: every decoder weight once and the LM head, the vision tower
     not. A token embedding is only looked up (one row) unless it is also the LM head (tied), when it
-    is read whole, once. The KV cache of a short prompt adds < 1% and is left out."""
+    is read whole, once. A quantized decoder (load(..., quantize=...)) keeps its weights and scales
+    in buffers, its head always its own. The KV cache of a short prompt adds < 1% and is left
+    out."""
     text = {id(p): p for n, p in model.named_parameters() if not n.startswith(VISION_PREFIXES)}
+    import common
+    quantized = {id(b): b for m in model.modules()
+                 if isinstance(m, (common.Int8Linear, common.Int4Linear)) for b in m.buffers()}
+    text.update(quantized)
     tables = {id(m.weight): m.weight for n, m in model.named_modules()
               if isinstance(m, torch.nn.Embedding) and not n.startswith(VISION_PREFIXES)}
-    untied = any(isinstance(m, torch.nn.Linear) and id(m.weight) in text
+    untied = any(hasattr(m, "out_features") and id(m.weight) in text
                  and id(m.weight) not in tables
                  and any(m.out_features == t.shape[0] for t in tables.values())
                  for m in model.modules())
@@ -127,12 +133,13 @@ def main():
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--quantize", choices=["int8", "int4"], default=None, help="ours only")
     a = p.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
     dtype = getattr(torch, a.dtype)
     t = time.perf_counter()
-    model, processor = load(a.impl, a.family, Path(a.checkpoint), dtype)
+    model, processor = load(a.impl, a.family, Path(a.checkpoint), dtype, a.quantize)
     load_s = time.perf_counter() - t
     run(a.impl, a.family, model, processor, 1, 2)  # warm-up
     t0, times, prompt = run(a.impl, a.family, model, processor, 1, a.new_tokens)
