@@ -137,6 +137,11 @@ def test_bad_batch_flags_fail_before_the_model_loads(family, tmp_path):
               "cannot be resumed"),
              (["--batch", photos[0], "--output-jsonl", tmp_path / "no" / "x.jsonl"],
               "no such folder")]
+    if family == "paligemma":  # a segment prompt needs the mask decoder: offline, none is cached
+        cases += [(["--batch", photos[0], "--json"], "--batch lines carry the objects"),
+                  (["--batch", photos[0], "--prompt", "segment cat"], "is not cached")]
+    else:
+        cases += [(["--batch", photos[0], "--video", "clip.mp4"], "--batch answers images")]
     for extra, message in cases:
         assert_fails(cli_in_process(module, *args, *extra), message)
     assert (tmp_path / "old.jsonl").read_text() == "earlier lines\n"  # never touched
