@@ -4,14 +4,15 @@
   ours, one by one  N processes: `python <family>.py --image FILE`, the way to do it before --batch
   transformers      one process: the model loaded once, then `generate` on batches of B images
 
-    python bench/batch.py smolvlm bench/checkpoints/smolvlm-256m-bfloat16 --new-tokens 16
-    python bench/batch.py paligemma bench/checkpoints/paligemma-pg2-3b-224-bfloat16 --batch-sizes 4
+    python bench/batch.py smolvlm bench/checkpoints/smolvlm-256m-bfloat16 --batch-sizes 1 2 4 8
+    python bench/batch.py paligemma bench/checkpoints/paligemma-pg2-3b-224-bfloat16 \
+        --batch-sizes 4 --transformers-batch-size 4 --one-by-one 16
 
 Two rates each: end to end (N / the wall time of the process(es): Python start, imports, load and
 all) and generation only (N / the time of preprocessing + generate, summed over the batches: ours
 from the lines' "seconds", transformers timed the same way). The checkpoints of bench/checkpoints.py
 never reach their end token, so every image gets exactly --new-tokens tokens. Prints a markdown
-table.
+table; the runs go in the order of the table.
 """
 import argparse
 import json
@@ -113,12 +114,14 @@ def main():
     p.add_argument("checkpoint")
     p.add_argument("--images", type=int, default=16)
     p.add_argument("--new-tokens", type=int, default=16)
-    p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 2, 4, 8])
+    p.add_argument("--batch-sizes", type=int, nargs="*", default=[1, 2, 4, 8],
+                   help="ours --batch at each of these batch sizes")
+    p.add_argument("--transformers-batch-size", type=int, default=None,
+                   help="transformers' generate on batches of this many (default: not run)")
+    p.add_argument("--one-by-one", type=int, default=0, help="this many one-image runs, their "
+                   "time scaled to all the images (one-image runs take the same time each)")
     p.add_argument("--dtype", default="bfloat16", help="transformers' dtype: ours' CLI default "
                    "on this CPU is bfloat16 (AVX512-BF16/AMX), so keep them equal")
-    p.add_argument("--repeats", type=int, default=1, help="then transformers and ours again at "
-                   "the last batch size, alternating, this many times (0: no transformers)")
-    p.add_argument("--skip-one-by-one", action="store_true")
     p.add_argument("--transformers-worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--folder", help=argparse.SUPPRESS)
     a = p.parse_args()
@@ -127,25 +130,23 @@ def main():
                             a.dtype)
         return
     rows = []
+    n = a.images
     with tempfile.TemporaryDirectory() as folder:
-        paths = write_images(folder, a.images)
-        n = a.images
+        paths = write_images(folder, n)
         for batch_size in a.batch_sizes:
             result = ours_batch(a.family, a.checkpoint, folder, n, a.new_tokens, batch_size)
             rows.append((f"ours --batch --batch-size {batch_size}", result))
             print(rows[-1], file=sys.stderr)
-        last = a.batch_sizes[-1]
-        for _ in range(a.repeats):  # transformers, then ours again: alternating, to see the noise
-            result = transformers_batch(a.family, a.checkpoint, folder, n, a.new_tokens, last,
+        if a.transformers_batch_size:
+            size = a.transformers_batch_size
+            result = transformers_batch(a.family, a.checkpoint, folder, n, a.new_tokens, size,
                                         a.dtype)
-            rows.append((f"transformers generate, batches of {last}", result))
+            rows.append((f"transformers generate, batches of {size}", result))
             print(rows[-1], file=sys.stderr)
-            result = ours_batch(a.family, a.checkpoint, folder, n, a.new_tokens, last)
-            rows.append((f"ours --batch --batch-size {last}", result))
-            print(rows[-1], file=sys.stderr)
-        if not a.skip_one_by_one:
-            rows.append((f"ours, {n} one-image runs", ours_one_by_one(a.family, a.checkpoint,
-                                                                     paths, a.new_tokens)))
+        if a.one_by_one:
+            result = ours_one_by_one(a.family, a.checkpoint, paths[:a.one_by_one], a.new_tokens)
+            result["wall_s"] *= n / a.one_by_one
+            rows.append((f"ours, {n} one-image runs ({a.one_by_one} timed, scaled)", result))
             print(rows[-1], file=sys.stderr)
     print(f"### {a.family}: {n} images 640x480, {a.new_tokens} new tokens each, "
           f"{Path(a.checkpoint).name}\n")

@@ -175,7 +175,7 @@ def test_resume_after_a_killed_run(ckpt, tmp_path):
             "--output-jsonl", out]
     process = subprocess.Popen([sys.executable, str(ROOT / "smolvlm.py"), *map(str, args)],
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    deadline = time.time() + 120
+    deadline = time.time() + 900  # a loaded machine can take minutes to start it
     while not out.exists() and process.poll() is None and time.time() < deadline:
         time.sleep(0.005)
     process.send_signal(signal.SIGKILL)
@@ -254,3 +254,18 @@ def test_perception_lm_notes_many_tiles(ckpt, tmp_path):
     small = write_images(tmp_path / "photos", sizes=SIZES[:1], bad=False)[0]
     # the checkpoint's own cap of 4 tiles: 5 with the thumbnail, no note
     assert cli_in_process(module, *args, "--image", small[0]).stderr == ""
+
+
+def test_one_image_cli_shows_the_tiles_being_encoded(ckpt, tmp_path, monkeypatch):
+    """The one-image CLI wires the hook to PerceptionLM's vision tower (one tile a call): with a
+    clock at 1 s a call the prefill is 'long', and stderr counts the 5 tiles; stdout is the answer."""
+    image = write_images(tmp_path / "photos", sizes=SIZES[:1], bad=False)[0][0]
+    module, args = base_args("perception_lm", ckpt, n_tokens=3)
+    quiet = cli_in_process(module, *args, "--image", image)
+    clock = iter(range(10_000))
+    monkeypatch.setattr(common.time, "perf_counter", lambda: float(next(clock)))
+    shown = cli_in_process(module, *args, "--image", image, "--progress")
+    assert shown.returncode == quiet.returncode == 0
+    assert shown.stdout == quiet.stdout and quiet.stderr == ""
+    counts = [line for line in shown.stderr.splitlines() if line.startswith("encoding")]
+    assert counts[-1] == "encoding 5 tiles: 5/5" and len(counts) >= 3
