@@ -258,7 +258,8 @@ def test_perception_lm_notes_many_tiles(ckpt, tmp_path):
 
 def test_one_image_cli_shows_the_tiles_being_encoded(ckpt, tmp_path, monkeypatch):
     """The one-image CLI wires the hook to PerceptionLM's vision tower (one tile a call): with a
-    clock at 1 s a call the prefill is 'long', and stderr counts the 5 tiles; stdout is the answer."""
+    clock at 1 s a call the prefill is 'long', and stderr counts the 5 tiles; stdout is the
+    answer."""
     image = write_images(tmp_path / "photos", sizes=SIZES[:1], bad=False)[0][0]
     module, args = base_args("perception_lm", ckpt, n_tokens=3)
     quiet = cli_in_process(module, *args, "--image", image)
