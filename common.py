@@ -12,8 +12,10 @@ head dim.
 """
 import argparse
 import contextlib
+import glob
 import json
 import math
+import os
 import sys
 import time
 import warnings
@@ -844,6 +846,11 @@ class Streamer:
 
 # ------------------------------------------------------------ command line
 
+# --batch: images generated together by default; measured in bench/batch.py (bench/RESULTS.md)
+BATCH_SIZE = {"cpu": 4, "cuda": 16}
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+
+
 def cli_parser(description, default_model):
     p = argparse.ArgumentParser(description=description)
     p.add_argument("--model", default=default_model, help="hub repo id or local dir (%(default)s)")
@@ -861,24 +868,254 @@ def cli_parser(description, default_model):
                    help="decoder weights in int8 (per channel) or int4 (groups of 64): fewer bytes "
                    "to read per token, on the CPU; the vision tower is left as it is")
     p.add_argument("--verbose", action="store_true", help="timings (load, prefill, tokens/s)")
+    p.add_argument("--progress", action="store_true", help="progress on stderr even when it is not "
+                   "a terminal")
+    p.add_argument("--batch", nargs="+", metavar="PATH", help="answer --prompt for each image of "
+                   "these files, folders and glob patterns, one JSON line each, model loaded once")
+    p.add_argument("--batch-size", type=int, default=None, help="--batch: images generated "
+                   f"together (default {BATCH_SIZE['cpu']} on a CPU, {BATCH_SIZE['cuda']} on CUDA)")
+    p.add_argument("--recursive", action="store_true", help="--batch: subfolders' images too")
+    p.add_argument("--output-jsonl", metavar="FILE", help="--batch: the lines go to FILE, "
+                   "rewritten whole (atomically) after each batch, instead of stdout")
+    p.add_argument("--resume", action="store_true", help="--batch: skip the images already in "
+                   "--output-jsonl FILE and add the others")
     return p
 
 
-def stream_answer(model, processor, inputs, args, load_seconds):
+def show_status(text, terminal):
+    """A progress line on stderr: rewritten in place on a terminal (text "" clears it), else one
+    line each."""
+    if terminal:
+        print(f"\r{text}\x1b[K", end="", file=sys.stderr, flush=True)
+    elif text:
+        print(text, file=sys.stderr, flush=True)
+
+
+def count_tiles(inputs):
+    """The tiles (or frames) in a processor's output, less the all-zero ones that pad a batch row (a
+    real tile is never all zeros: pixel value 0 normalizes to -1)."""
+    total = 0
+    for name, value in inputs.items():
+        if name.startswith("pixel_values"):  # pixel_values, pixel_values_videos
+            tiles = value.flatten(0, -4).flatten(1)  # (tiles, 3 * H * W)
+            total += int(tiles.ne(0).any(1).sum())
+    return total
+
+
+@contextlib.contextmanager
+def encoding_progress(vision, inputs, shown):
+    """While a prefill runs: a forward hook on the vision tower counts the tiles (or frames) it
+    encodes and, once the prefill has taken 2 s, shows `encoding 37 tiles: 12/37` on stderr (when
+    `shown`): a PerceptionLM image is ~37 tiles, minutes on a CPU with nothing else to see."""
+    total = count_tiles(inputs)
+    start = time.perf_counter()
+    done = 0
+    terminal = sys.stderr.isatty()
+
+    def count(module, module_inputs, output):
+        nonlocal done
+        done += len(module_inputs[0])  # the tiles of this call
+        if shown and time.perf_counter() - start > 2:
+            show_status(f"encoding {total} tiles: {done}/{total}", terminal)
+            if done >= total:
+                show_status("", terminal)  # the answer or the next line starts clean
+
+    handle = vision.register_forward_hook(count)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def stream_answer(model, processor, inputs, args, load_seconds, vision):
     """Generate an answer for one prompt, printing its text to stdout as it comes (timings to stderr
-    with --verbose) -> the new ids (1, n)."""
+    with --verbose; the encoding of many tiles with progress) -> the new ids (1, n). `vision`: the
+    model's vision tower."""
     device = next(model.parameters()).device
     inputs = {name: value.to(device) for name, value in inputs.items()}
     printer = Streamer(processor.decode)
-    new_ids = model.generate(**inputs, max_new_tokens=args.max_new_tokens,
-                             temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                             seed=args.seed, stream=printer)
+    shown = args.progress or sys.stderr.isatty()
+    with encoding_progress(vision, inputs, shown):
+        new_ids = model.generate(**inputs, max_new_tokens=args.max_new_tokens,
+                                 temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                                 seed=args.seed, stream=printer)
     printer()  # the rest of the text, and a newline
     if args.verbose:
         printer.report(load_seconds)
     if args.verbose and model.quantization:
         print(model.quantization, file=sys.stderr)
     return new_ids
+
+
+def folder_images(folder, recursive):
+    """The image files of a folder (by suffix; hidden files left out), sorted."""
+    files = folder.rglob("*") if recursive else folder.iterdir()
+    images = [path for path in files if path.is_file() and not path.name.startswith(".")
+              and path.suffix.lower() in IMAGE_SUFFIXES]
+    return sorted(images)
+
+
+def batch_paths(patterns, recursive):
+    """--batch's files, folders and glob patterns -> image paths (str) in order, each once. A
+    pattern or a folder that gives no file is an error, as is a path that does not exist."""
+    paths = []
+    for pattern in patterns:
+        path = Path(pattern)
+        if path.is_dir():
+            found = folder_images(path, recursive)
+            if not found:
+                raise VLMError(f"folder {pattern} holds no images ({' '.join(IMAGE_SUFFIXES)})")
+        elif path.exists():
+            found = [path]
+        elif glob.has_magic(pattern):
+            matches = sorted(glob.glob(pattern, recursive=True))
+            found = [Path(match) for match in matches if Path(match).is_file()]
+            if not found:
+                raise VLMError(f"pattern {pattern} matches no file")
+        else:
+            raise VLMError(f"{pattern}: no such file or folder")
+        paths += [str(found_path) for found_path in found]
+    return list(dict.fromkeys(paths))  # each image once, first place kept
+
+
+def read_jsonl(path):
+    """The lines of an earlier --output-jsonl FILE, checked: each a JSON object with an "image"."""
+    lines = Path(path).read_text(encoding="utf-8").splitlines()
+    for number, line in enumerate(lines, 1):
+        try:
+            record = json.loads(line)
+        except ValueError:
+            record = None
+        if not isinstance(record, dict) or "image" not in record:
+            raise VLMError(f"{path} line {number} is not a line --output-jsonl writes, so it "
+                           "cannot be resumed")
+    return lines
+
+
+def write_atomically(path, text):
+    """The whole file or nothing: a temporary file beside it, synced to disk, renamed over it."""
+    temporary = f"{path}.{os.getpid()}.tmp"
+    try:
+        with open(temporary, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(temporary, path)
+    except OSError as e:
+        raise VLMError(f"cannot write {path} ({e.strerror or e})") from None
+    finally:
+        Path(temporary).unlink(missing_ok=True)  # there only after a failure or an interrupt
+
+
+class Batch:
+    """--batch: the images are found, and with --resume the earlier lines read, before the model
+    loads (so a bad flag or an empty folder fails at once); run() then answers them --batch-size at
+    a time, one JSON line each, in input order."""
+
+    def __init__(self, args):
+        output = args.output_jsonl
+        if args.image:
+            raise VLMError("give --image or --batch, not both")
+        if args.batch_size is not None and args.batch_size <= 0:
+            raise VLMError(f"batch-size must be positive, got {args.batch_size}")
+        if args.resume and not output:
+            raise VLMError("--resume needs --output-jsonl FILE (the lines to resume from)")
+        if output and Path(output).exists() and not args.resume:
+            raise VLMError(f"{output} exists: --resume adds the missing images to it")
+        if output and not Path(output).absolute().parent.is_dir():
+            raise VLMError(f"cannot write {output}: no such folder")
+        self.args = args
+        self.paths = batch_paths(args.batch, args.recursive)
+        self.lines = []  # the JSON lines written, with --resume an earlier run's first
+        if args.resume and Path(output).exists():
+            self.lines = read_jsonl(output)
+        answered = {json.loads(line)["image"] for line in self.lines}
+        self.todo = [path for path in self.paths if path not in answered]
+        self.shown = args.progress or sys.stderr.isatty()
+
+    def run(self, model, decode, make_inputs, vision, describe=None):
+        """Answer every image still to do. `make_inputs(images)`: the processor's inputs for a list
+        of PIL images (one prompt each); `decode(ids)`: text; `vision`: the vision tower (for the
+        tiles' progress); `describe(text, image)`: more fields for a line (PaliGemma's objects).
+        Failed images carry an "error" and make the run an error at the end."""
+        device = next(model.parameters()).device
+        size = self.args.batch_size or BATCH_SIZE.get(device.type, BATCH_SIZE["cpu"])
+        terminal = sys.stderr.isatty()
+        start = time.perf_counter()
+        total = len(self.todo)
+        try:
+            for first in range(0, total, size):
+                paths = self.todo[first:first + size]
+                records = self.answer(paths, model, decode, make_inputs, vision, describe)
+                self.write([json.dumps(record) for record in records])
+                if self.shown:
+                    show_status(progress_text(first + len(paths), total, start), terminal)
+        except KeyboardInterrupt:
+            raise VLMError("interrupted: the lines written so far are kept (--resume goes "
+                           "on)") from None
+        if self.shown and terminal:
+            print(file=sys.stderr)  # keep the last progress line
+        failed = sum("error" in json.loads(line) for line in self.lines)
+        if failed:
+            raise VLMError(f"{failed} of {len(self.paths)} images failed (their lines say why)")
+
+    def answer(self, paths, model, decode, make_inputs, vision, describe):
+        """One batch -> its records in order; an image that cannot be read gets its error."""
+        records = {}
+        images = {}
+        for path in paths:
+            try:
+                images[path] = open_image(path)
+            except VLMError as e:
+                records[path] = {"image": path, "prompt": self.args.prompt, "error": first_line(e)}
+        try:
+            records.update(self.generate(images, model, decode, make_inputs, vision, describe))
+        except VLMError as e:  # rare (one image too long for the context): the batch fails
+            for path in images:
+                records[path] = {"image": path, "prompt": self.args.prompt, "error": first_line(e)}
+        return [records[path] for path in paths]
+
+    def generate(self, images, model, decode, make_inputs, vision, describe):
+        """{path: image} -> {path: record}, the images generated as one left-padded batch."""
+        if not images:
+            return {}
+        args = self.args
+        device = next(model.parameters()).device
+        start = time.perf_counter()
+        inputs = make_inputs(list(images.values()))
+        inputs = {name: value.to(device) for name, value in inputs.items()}
+        with encoding_progress(vision, inputs, self.shown):
+            new_ids = model.generate(**inputs, max_new_tokens=args.max_new_tokens,
+                                     temperature=args.temperature, top_k=args.top_k,
+                                     top_p=args.top_p, seed=args.seed)
+        seconds = (time.perf_counter() - start) / len(images)  # each image's share of the batch
+        records = {}
+        for (path, image), ids in zip(images.items(), new_ids.tolist()):
+            text = decode(ids)
+            ends = [position for position, token in enumerate(ids) if token in model.stop]
+            n_tokens = len(ids)
+            if ends:
+                n_tokens = ends[0] + 1  # up to its end token; the rest is the batch's padding
+            records[path] = {"image": path, "prompt": args.prompt, "text": text,
+                             "tokens": n_tokens, "seconds": round(seconds, 3)}
+            if describe is not None:
+                records[path].update(describe(text, image))
+        return records
+
+    def write(self, lines):
+        """A batch's lines: to stdout, or added to --output-jsonl FILE, which is rewritten whole."""
+        self.lines += lines
+        if not self.args.output_jsonl:
+            print("\n".join(lines), flush=True)
+            return
+        write_atomically(self.args.output_jsonl, "".join(line + "\n" for line in self.lines))
+
+
+def progress_text(done, total, start):
+    """`8/16 images, 0.52 images/s, 0:15 left`"""
+    rate = done / (time.perf_counter() - start)
+    minutes, seconds = divmod(round((total - done) / rate), 60)
+    return f"{done}/{total} images, {rate:.2f} images/s, {minutes}:{seconds:02d} left"
 
 
 def run_cli(main):

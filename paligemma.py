@@ -27,7 +27,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 
-from common import (KVCache, Linear, VLMError, apply_rope, attend, check_args, check_context,
+from common import (Batch, KVCache, Linear, VLMError, apply_rope, attend, check_args, check_context,
                     cli_parser, decode_ids, download, from_dict, generate, image_tensor,
                     left_pad, load_weights, next_token_loss, normalize, open_image, open_tokenizer,
                     optional_json, read_json, resize, resolve, rope_cos_sin, rope_inv_freq,
@@ -823,12 +823,17 @@ def write_detections(text, image, output=None, as_json=False, decoder=None):
             print(f"the answer holds no object: {output} is the image unchanged", file=sys.stderr)
         save_png(draw(image, objects, masks), output)
     if as_json:
-        listed = []
-        for obj, mask in zip(objects, masks):
-            box = [round(v, 2) for v in obj["box"]]  # a hundredth of a pixel is plenty
-            rle = None if mask is None else mask_to_rle(mask)
-            listed.append({"label": obj["label"], "box": box, "mask": rle})
-        print(json.dumps({"text": text, "objects": listed}))
+        print(json.dumps({"text": text, "objects": json_objects(objects, masks)}))
+
+
+def json_objects(objects, masks):
+    """Objects and their masks as JSON: label, box in pixels, mask as COCO's uncompressed RLE."""
+    listed = []
+    for obj, mask in zip(objects, masks):
+        box = [round(v, 2) for v in obj["box"]]  # a hundredth of a pixel is plenty
+        rle = None if mask is None else mask_to_rle(mask)
+        listed.append({"label": obj["label"], "box": box, "mask": rle})
+    return listed
 
 
 # ------------------------------------------------------------ command line
@@ -840,19 +845,47 @@ def main(argv=None):
     add_task_args(p)
     args = p.parse_args(argv)
     check_args(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.prompt)
-    if not args.image:
-        raise VLMError("PaliGemma needs an image: pass --image FILE")
+    batch = None
+    if args.batch:
+        if args.output or args.json:
+            raise VLMError("--output and --json are for one --image; --batch lines carry the "
+                           "objects")
+        batch = Batch(args)  # the images are found before the slow load
+    elif not args.image:
+        raise VLMError("PaliGemma needs an image: pass --image FILE (or --batch PATH...)")
     images = [open_image(path) for path in args.image]  # fail on a bad image before the slow load
     decoder = None
-    if args.vae:  # a bad mask decoder file fails before the slow load too
+    # a bad mask decoder file fails before the slow load too; --batch segment lines need one
+    if args.vae or (batch is not None and args.prompt.startswith("segment")):
         decoder = load_mask_decoder(args.vae)
     start = time.perf_counter()
     model, processor = load(args.model, args.device, args.dtype, args.quantize)
     load_seconds = time.perf_counter() - start
+    if batch is not None:
+        batch_main(batch, model, processor, decoder)
+        return
     inputs = processor(text=[args.prompt], images=[images])
-    new_ids = stream_answer(model, processor, inputs, args, load_seconds)
+    new_ids = stream_answer(model, processor, inputs, args, load_seconds, model.vision_tower)
     answer = processor.decode(new_ids[0])
     write_detections(answer, images[0], args.output, args.json, decoder)
+
+
+def batch_main(batch, model, processor, decoder):
+    """--batch: each image with the one --prompt; each line adds the answer's objects (detect,
+    segment; masks with the mask decoder)."""
+    prompt = batch.args.prompt
+
+    def make_inputs(images):
+        return processor(text=[prompt] * len(images), images=[[image] for image in images])
+
+    def describe(text, image):
+        objects = parse_objects(text, image.width, image.height)
+        masks = [None] * len(objects)
+        if decoder is not None:
+            masks = decode_masks(decoder, objects, image.width, image.height)
+        return {"objects": json_objects(objects, masks)}
+
+    batch.run(model, processor.decode, make_inputs, model.vision_tower, describe)
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ key/value heads, D head dim, Dt text width, V vocabulary.
 """
 import math
 import re
+import sys
 import time
 from dataclasses import dataclass, fields
 from functools import partial
@@ -28,12 +29,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import (KVCache, Linear, VLMError, append_answers, apply_rope, attend, check_args,
-                    check_context, cli_parser, decode_ids, from_dict, generate, image_tensor,
-                    left_pad, load_weights, make_mask, next_token_loss, normalize, open_image,
-                    open_tokenizer, optional_json, read_json, read_video, render_template, resize,
-                    resolve, rope_cos_sin, rope_inv_freq, rope_theta, run_cli, split_answer,
-                    stop_ids, stream_answer, token_text)
+from common import (Batch, KVCache, Linear, VLMError, append_answers, apply_rope, attend,
+                    check_args, check_context, cli_parser, decode_ids, from_dict, generate,
+                    image_tensor, left_pad, load_weights, make_mask, next_token_loss, normalize,
+                    open_image, open_tokenizer, optional_json, read_json, read_video,
+                    render_template, resize, resolve, rope_cos_sin, rope_inv_freq, rope_theta,
+                    run_cli, split_answer, stop_ids, stream_answer, token_text)
 
 DEFAULT_MODEL = "facebook/Perception-LM-1B"
 
@@ -829,6 +830,11 @@ def main(argv=None):
     for flag, value in (("num-frames", args.num_frames), ("max-tiles", args.max_tiles)):
         if value is not None and value <= 0:
             raise VLMError(f"{flag} must be positive, got {value}")
+    batch = None
+    if args.batch:
+        if args.video:
+            raise VLMError("--batch answers images: give --video without it")
+        batch = Batch(args)  # the images are found before the slow load
     # fail on a bad image or video before the slow load
     images = [open_image(path) for path in args.image]
     videos = []
@@ -838,15 +844,60 @@ def main(argv=None):
     start = time.perf_counter()
     model, processor = load(args.model, args.device, args.dtype, args.quantize)
     load_seconds = time.perf_counter() - start
-    text = args.prompt
-    if not args.raw:  # a user turn: images, then the video, then the text (the template's order)
-        content = [{"type": "image"}] * len(images) + [{"type": "video"}] * len(videos)
-        content.append({"type": "text", "text": args.prompt})
-        messages = [{"role": "user", "content": content}]
-        text = processor.apply_chat_template(messages, add_generation_prompt=True)
+    on_cpu = next(model.parameters()).device.type == "cpu"
+    if batch is not None:
+        batch_main(batch, model, processor, on_cpu)
+        return
+    text = cli_prompt(processor, args, len(images), len(videos))
+    if on_cpu:
+        note_many_tiles(processor, images, args.max_tiles)
     inputs = processor(text=[text], images=images or None, videos=videos or None,
                        max_num_tiles=args.max_tiles)
-    stream_answer(model, processor, inputs, args, load_seconds)
+    stream_answer(model, processor, inputs, args, load_seconds, model.vision_tower)
+
+
+def cli_prompt(processor, args, n_images, n_videos):
+    """--prompt as a user turn of the chat template (images, then the video, then the text: the
+    template's order); with --raw, as typed."""
+    if args.raw:
+        return args.prompt
+    content = [{"type": "image"}] * n_images + [{"type": "video"}] * n_videos
+    content.append({"type": "text", "text": args.prompt})
+    messages = [{"role": "user", "content": content}]
+    return processor.apply_chat_template(messages, add_generation_prompt=True)
+
+
+def note_many_tiles(processor, images, max_tiles):
+    """One stderr line when an image becomes more than 16 tiles (the CLI calls this on a CPU, where
+    each tile's prefill takes seconds) -> whether it printed."""
+    tile_counts = [1]
+    for image in images:
+        n_w, n_h = processor.canvas(*image.size, max_tiles or processor.max_num_tiles)
+        tile_counts.append(1 + n_w * n_h)  # the thumbnail and the tiles
+    n_tiles = max(tile_counts)
+    if n_tiles <= 16 or not processor.thumb_and_tiles:
+        return False
+    per_tile = (processor.tile // processor.patch // processor.pool) ** 2  # tokens
+    print(f"note: an image becomes {n_tiles} tiles, {n_tiles * per_tile:,} tokens, slow on a CPU: "
+          f"--max-tiles N trades detail for speed (--max-tiles 4: at most 5 tiles, "
+          f"{5 * per_tile:,} tokens)", file=sys.stderr)
+    return True
+
+
+def batch_main(batch, model, processor, on_cpu):
+    """--batch: each image in the chat template with the one --prompt."""
+    args = batch.args
+    prompt = cli_prompt(processor, args, 1, 0)
+    noted = not on_cpu  # the note on many tiles: once a run, on a CPU
+
+    def make_inputs(images):
+        nonlocal noted
+        if not noted:
+            noted = note_many_tiles(processor, images, args.max_tiles)
+        return processor(text=[prompt] * len(images), images=images,
+                         max_num_tiles=args.max_tiles)
+
+    batch.run(model, processor.decode, make_inputs, model.vision_tower)
 
 
 if __name__ == "__main__":

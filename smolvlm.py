@@ -26,7 +26,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from common import (
-    KVCache, Linear, VLMError, append_answers, apply_rope, attend, check_args, check_context,
+    Batch, KVCache, Linear, VLMError, append_answers, apply_rope, attend, check_args, check_context,
     cli_parser, decode_ids, from_dict, generate, image_tensor, left_pad, load_weights, make_mask,
     next_token_loss, normalize, open_image, open_tokenizer, optional_json, read_json, read_video,
     render_template, resize, resolve, rope_cos_sin, rope_inv_freq, rope_theta, run_cli,
@@ -872,16 +872,16 @@ def load(model=DEFAULT_MODEL, device=None, dtype=None, quantize=None):
 
 # ------------------------------------------------------------------------- command line
 
-def cli_prompt(processor, args, images):
+def cli_prompt(processor, args, n_images):
     """--prompt in the chat template with a placeholder per image or video; with --raw, as typed
     (the placeholders put first if it has none)."""
     if args.raw:
         token = processor.video_token if args.video else processor.image_token
-        n_media = len(images) + bool(args.video)
+        n_media = n_images + bool(args.video)
         if n_media and token not in args.prompt:
             return token * n_media + args.prompt
         return args.prompt
-    content = [{"type": "image"} for _ in images]
+    content = [{"type": "image"} for _ in range(n_images)]
     if args.video:
         content.append({"type": "video"})
     content.append({"type": "text", "text": args.prompt})
@@ -901,10 +901,25 @@ def main(argv=None):
     check_args(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.prompt)
     if args.num_frames is not None and args.num_frames <= 0:
         raise VLMError(f"num-frames must be positive, got {args.num_frames}")
+    batch = None
+    if args.batch:
+        if args.video:
+            raise VLMError("--batch answers images: give --video without it")
+        batch = Batch(args)  # the images are found before the slow load
     images = [open_image(path) for path in args.image]  # fail on a bad image before the slow load
     folder = resolve(args.model)
     processor = Processor(folder, Config.from_folder(folder))
-    prompt = cli_prompt(processor, args, images)
+    if batch is not None:
+        prompt = cli_prompt(processor, args, 1)  # one image per prompt
+        model, processor = load(str(folder), args.device, args.dtype)
+
+        def make_inputs(batch_images):
+            return processor(text=[prompt] * len(batch_images),
+                             images=[[image] for image in batch_images])
+
+        batch.run(model, processor.decode, make_inputs, model.model.vision_model)
+        return
+    prompt = cli_prompt(processor, args, len(images))
     image_rows = [images] if images else None
     videos = [args.video] if args.video else None
     # a bad video fails here, before the slow load
@@ -912,7 +927,7 @@ def main(argv=None):
     start = time.perf_counter()
     model, processor = load(str(folder), args.device, args.dtype, args.quantize)
     load_seconds = time.perf_counter() - start
-    stream_answer(model, processor, inputs, args, load_seconds)
+    stream_answer(model, processor, inputs, args, load_seconds, model.model.vision_model)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ from conftest import ROOT
 
 
 @pytest.mark.parametrize("script", ["compare.py", "measure.py", "bandwidth.py", "checkpoints.py",
-                                    "train.py"])
+                                    "train.py", "batch.py"])
 def test_scripts_start(script):
     r = subprocess.run([sys.executable, str(ROOT / "bench" / script), "--help"],
                        capture_output=True, text=True)
@@ -50,3 +50,20 @@ def test_decode_bytes_count_the_same_weights_in_both(tmp_path, family, variant, 
     embedding = ours.get_submodule(text_model).embed_tokens.weight
     expected = sum(p.numel() * 4 for p in text) - (0 if tied else embedding.numel() * 4)
     assert measure.decode_bytes(ours) == measure.decode_bytes(hf) == expected
+
+
+def test_batch_runs_on_a_tiny_checkpoint(tmp_path):
+    """bench/batch.py: ours --batch, transformers' batched generate and a one-image run, each
+    giving every image its tokens (the script checks), and a table row each."""
+    import smolvlm_fixture
+    folder = smolvlm_fixture.build(tmp_path / "smol", "v1", check=False, unreachable_eos=True)
+    r = subprocess.run([sys.executable, str(ROOT / "bench" / "batch.py"), "smolvlm", str(folder),
+                        "--images", "3", "--new-tokens", "3", "--batch-sizes", "2",
+                        "--transformers-batch-size", "2", "--one-by-one", "1",
+                        "--dtype", "float32"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    rows = [line for line in r.stdout.splitlines() if line.startswith("| ") and "---" not in line]
+    assert [row.split(" | ")[0] for row in rows] == [
+        "| run", "| ours --batch --batch-size 2", "| transformers generate, batches of 2",
+        "| ours, 3 one-image runs (1 timed, scaled)"]

@@ -1,0 +1,272 @@
+"""--batch in the three CLIs (common.Batch): a folder of fixture images (valid ones of different
+sizes, a truncated PNG, a text file named .jpg) answered --batch-size at a time, one JSON line each;
+the lines equal the one-image CLI's answers; --output-jsonl and --resume after a killed run; the
+progress lines (stderr only), the tiles' encoding line and PerceptionLM's note on many tiles."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import common
+import paligemma
+import paligemma_fixture
+import perception_lm
+import perception_lm_fixture
+import smolvlm
+import smolvlm_fixture
+from conftest import ROOT
+from helpers import one_thread  # noqa: F401  (a fixture: this module runs single-threaded)
+from helpers import assert_fails, cli_in_process
+
+FAMILIES = {"paligemma": (paligemma, paligemma_fixture, "pg2", "caption en"),
+            "smolvlm": (smolvlm, smolvlm_fixture, "v1", "Describe this image."),
+            "perception_lm": (perception_lm, perception_lm_fixture, "1b", "Describe the image.")}
+SIZES = [(90, 70), (50, 30), (64, 64), (31, 77), (40, 52)]
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    root = tmp_path_factory.mktemp("batch")
+    return {family: fixture.build(root / family, variant, check=False)
+            for family, (_, fixture, variant, _) in FAMILIES.items()}
+
+
+def write_images(folder, sizes=SIZES, bad=True):
+    """Noisy RGB pictures a.png, b.png, ...; with `bad`, a truncated PNG and a text file named as
+    a JPEG among them. -> the folder's image paths in sorted order, and the bad ones."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for i, (w, h) in enumerate(sizes):
+        pixels = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(folder / f"{chr(ord('a') + i)}.png")
+    bad_files = []
+    if bad:
+        whole = (folder / "a.png").read_bytes()
+        (folder / "b_truncated.png").write_bytes(whole[:len(whole) // 2])
+        (folder / "c_notes.jpg").write_text("not an image")
+        bad_files = [str(folder / "b_truncated.png"), str(folder / "c_notes.jpg")]
+    (folder / "readme.txt").write_text("not an image suffix: left out of the folder")
+    paths = sorted(str(p) for p in folder.iterdir() if p.suffix in (".png", ".jpg"))
+    return paths, bad_files
+
+
+def base_args(family, ckpt, n_tokens=8):
+    module, _, _, prompt = FAMILIES[family]
+    return module, ["--model", ckpt[family], "--dtype", "float32", "--prompt", prompt,
+                    "--max-new-tokens", n_tokens]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_batch_lines_equal_one_image_answers(family, ckpt, tmp_path):
+    paths, bad = write_images(tmp_path / "photos")
+    module, args = base_args(family, ckpt)
+    r = cli_in_process(module, *args, "--batch", tmp_path / "photos", "--batch-size", 2)
+    assert r.returncode == 1
+    # nothing but the final one-line error on stderr: it is not a terminal and --progress is off
+    assert r.stderr == "error: 2 of 7 images failed (their lines say why)\n"
+    lines = [json.loads(line) for line in r.stdout.splitlines()]
+    assert [line["image"] for line in lines] == paths  # the input order, sorted, each once
+    for line in lines:
+        assert line["prompt"] == FAMILIES[family][3]
+        if line["image"] in bad:
+            assert set(line) == {"image", "prompt", "error"}
+            assert "cannot be read" in line["error"] and "\n" not in line["error"]
+            continue
+        alone = cli_in_process(module, *args, "--image", line["image"])
+        assert alone.returncode == 0, alone.stderr
+        assert alone.stdout == line["text"] + "\n"  # batched greedy generation equals one image
+        assert 0 < line["tokens"] <= 8 and line["seconds"] > 0
+        if family == "paligemma":  # the answer's objects, as parse_objects reads them
+            image = Image.open(line["image"])
+            objects = paligemma.parse_objects(line["text"], image.width, image.height)
+            assert line["objects"] == paligemma.json_objects(objects, [None] * len(objects))
+    assert "truncated" in lines[paths.index(bad[0])]["error"]
+
+
+def test_tokens_count_to_the_end_token(ckpt, tmp_path):
+    """A row that ends early counts its tokens up to its end token, not the batch's padding."""
+    paths, _ = write_images(tmp_path / "photos", bad=False)
+    module, args = base_args("smolvlm", ckpt, n_tokens=40)
+    r = cli_in_process(module, *args, "--batch", *paths, "--batch-size", 5)
+    assert r.returncode == 0, r.stderr
+    model, processor = smolvlm.load(str(ckpt["smolvlm"]), dtype=torch.float32)
+    for line in map(json.loads, r.stdout.splitlines()):
+        prompt = processor.apply_chat_template(
+            [{"role": "user", "content": [{"type": "image"},
+                                          {"type": "text", "text": "Describe this image."}]}])
+        inputs = processor(text=[prompt], images=[[common.open_image(line["image"])]])
+        ids = model.generate(**inputs, max_new_tokens=40)[0].tolist()
+        assert line["tokens"] == len(ids)  # alone, generation stops at the end token
+
+
+def test_paths_files_folders_patterns(ckpt, tmp_path):
+    paths, _ = write_images(tmp_path / "photos", bad=False)
+    sub = write_images(tmp_path / "photos" / "more", sizes=SIZES[:1], bad=False)[0]
+    module, args = base_args("smolvlm", ckpt, n_tokens=2)
+    pattern = str(tmp_path / "photos" / "[ab].png")
+    r = cli_in_process(module, *args, "--batch", paths[2], pattern, tmp_path / "photos")
+    assert r.returncode == 0, r.stderr
+    images = [json.loads(line)["image"] for line in r.stdout.splitlines()]
+    assert images == [paths[2], paths[0], paths[1]] + paths[3:]  # each once, first place kept
+    r = cli_in_process(module, *args, "--batch", tmp_path / "photos", "--recursive")
+    assert [json.loads(line)["image"] for line in r.stdout.splitlines()] == sorted(paths + sub)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_bad_batch_flags_fail_before_the_model_loads(family, tmp_path):
+    """Each is one line and exit 1 before any loading: the model path does not even exist."""
+    module, args = base_args(family, {family: tmp_path / "no model here"})
+    (tmp_path / "empty").mkdir()
+    photos = write_images(tmp_path / "photos", bad=False)[0]
+    (tmp_path / "old.jsonl").write_text("earlier lines\n")
+    cases = [(["--batch", tmp_path / "empty"], "holds no images"),
+             (["--batch", tmp_path / "*.webp"], "matches no file"),
+             (["--batch", tmp_path / "missing.png"], "no such file or folder"),
+             (["--batch", photos[0], "--batch-size", 0], "batch-size must be positive"),
+             (["--batch", photos[0], "--resume"], "--resume needs --output-jsonl"),
+             (["--batch", photos[0], "--image", photos[0]], "not both"),
+             (["--batch", photos[0], "--output-jsonl", tmp_path / "old.jsonl"], "exists"),
+             (["--batch", photos[0], "--output-jsonl", tmp_path / "old.jsonl", "--resume"],
+              "cannot be resumed"),
+             (["--batch", photos[0], "--output-jsonl", tmp_path / "no" / "x.jsonl"],
+              "no such folder")]
+    if family == "paligemma":  # a segment prompt needs the mask decoder: offline, none is cached
+        cases += [(["--batch", photos[0], "--json"], "--batch lines carry the objects"),
+                  (["--batch", photos[0], "--prompt", "segment cat"], "is not cached")]
+    else:
+        cases += [(["--batch", photos[0], "--video", "clip.mp4"], "--batch answers images")]
+    for extra, message in cases:
+        assert_fails(cli_in_process(module, *args, *extra), message)
+    assert (tmp_path / "old.jsonl").read_text() == "earlier lines\n"  # never touched
+
+
+def test_output_jsonl_is_the_stdout_lines(ckpt, tmp_path):
+    paths, _ = write_images(tmp_path / "photos")
+    module, args = base_args("paligemma", ckpt)
+    out = tmp_path / "labels.jsonl"
+    to_file = cli_in_process(module, *args, "--batch", tmp_path / "photos", "--batch-size", 3,
+                             "--output-jsonl", out)
+    to_stdout = cli_in_process(module, *args, "--batch", tmp_path / "photos", "--batch-size", 3)
+    assert to_file.returncode == to_stdout.returncode == 1
+    assert to_file.stdout == ""
+    written = [json.loads(line) for line in out.read_text().splitlines()]
+    printed = [json.loads(line) for line in to_stdout.stdout.splitlines()]
+    for line in written + printed:
+        line.pop("seconds", None)  # timings differ from run to run
+    assert written == printed and len(written) == len(paths)
+    assert sorted(os.listdir(tmp_path)) == ["labels.jsonl", "photos"]  # no temporary file left
+
+
+def test_resume_after_a_killed_run(ckpt, tmp_path):
+    """A real process killed once its first batch is on disk; --resume then answers the rest: each
+    image exactly once, in order, the same lines as a run that was never interrupted."""
+    folder = smolvlm_fixture.build(tmp_path / "slow", "v1", check=False, unreachable_eos=True)
+    paths, _ = write_images(tmp_path / "photos", bad=False)
+    out = tmp_path / "labels.jsonl"
+    args = ["--model", folder, "--dtype", "float32", "--prompt", "Describe this image.",
+            "--max-new-tokens", 300, "--batch", tmp_path / "photos", "--batch-size", 2,
+            "--output-jsonl", out]
+    process = subprocess.Popen([sys.executable, str(ROOT / "smolvlm.py"), *map(str, args)],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.time() + 900  # a loaded machine can take minutes to start it
+    while not out.exists() and process.poll() is None and time.time() < deadline:
+        time.sleep(0.005)
+    process.send_signal(signal.SIGKILL)
+    stdout, _ = process.communicate()
+    assert process.returncode == -signal.SIGKILL and stdout == b""
+    first = out.read_text().splitlines()
+    assert 0 < len(first) < len(paths)  # killed mid-run, with whole lines only
+    resumed = cli_in_process(smolvlm, *args, "--resume", "--progress")
+    assert resumed.returncode == 0, resumed.stderr
+    assert resumed.stdout == ""
+    assert f"{len(paths)}/{len(paths)} images" not in resumed.stderr  # only the rest was to do
+    assert f"{len(paths) - len(first)}/{len(paths) - len(first)} images" in resumed.stderr
+    lines = out.read_text().splitlines()
+    assert lines[:len(first)] == first  # what was written is kept
+    assert [json.loads(line)["image"] for line in lines] == paths
+    whole = cli_in_process(smolvlm, *args[:-2])
+    for resumed_line, whole_line in zip(lines, whole.stdout.splitlines()):
+        resumed_record = json.loads(resumed_line)
+        whole_record = json.loads(whole_line)
+        assert resumed_record.pop("seconds") > 0 and whole_record.pop("seconds") > 0
+        assert resumed_record == whole_record and resumed_record["tokens"] == 300
+
+
+def test_progress_goes_to_stderr_only(ckpt, tmp_path):
+    paths, _ = write_images(tmp_path / "photos", bad=False)
+    module, args = base_args("perception_lm", ckpt, n_tokens=3)
+    quiet = cli_in_process(module, *args, "--batch", tmp_path / "photos", "--batch-size", 2)
+    shown = cli_in_process(module, *args, "--batch", tmp_path / "photos", "--batch-size", 2,
+                           "--progress")
+    assert quiet.returncode == shown.returncode == 0
+    assert quiet.stderr == ""
+    assert len(shown.stdout.splitlines()) == len(paths)
+    assert all(json.loads(line)["text"] is not None for line in shown.stdout.splitlines())
+    progress = shown.stderr.splitlines()
+    assert [line.split(" images,")[0] for line in progress] == ["2/5", "4/5", "5/5"]
+    assert all("images/s" in line and line.endswith(" left") for line in progress)
+
+
+def test_encoding_line_counts_tiles_after_two_seconds(monkeypatch, capsys):
+    """A fake clock at 1.5 s a call: the first tile (1.5 s) is shown no line, the later ones are."""
+    clock = iter(np.arange(0, 100, 1.5))
+    monkeypatch.setattr(common.time, "perf_counter", lambda: float(next(clock)))
+    vision = torch.nn.Identity()
+    inputs = {"pixel_values": torch.ones(1, 3, 3, 4, 4), "pixel_attention_mask": torch.ones(3)}
+    with common.encoding_progress(vision, inputs, shown=True):
+        for _ in range(3):
+            vision(torch.ones(1, 3, 4, 4))
+    assert capsys.readouterr().err == "encoding 3 tiles: 2/3\nencoding 3 tiles: 3/3\n"
+    with common.encoding_progress(vision, inputs, shown=False):
+        vision(torch.ones(3, 3, 4, 4))
+    assert capsys.readouterr().err == ""
+    vision(torch.ones(1, 3, 4, 4))  # the hook is gone after the prefill
+    assert capsys.readouterr().err == ""
+
+
+def test_padding_tiles_are_not_counted():
+    pixels = torch.ones(2, 3, 3, 4, 4)
+    pixels[1, 2] = 0  # row 1 has two tiles, padded with a third all-zero one
+    assert common.count_tiles({"pixel_values": pixels, "pixel_values_videos": pixels[0]}) == 8
+
+
+def test_perception_lm_notes_many_tiles(ckpt, tmp_path):
+    """A 280 px square with --max-tiles 20 becomes a 4x4 grid and the thumbnail: 17 tiles. One
+    stderr line, once per run, says so; a 5-tile image gets none."""
+    big = tmp_path / "big.png"
+    Image.fromarray(np.full((280, 280, 3), 120, dtype=np.uint8)).save(big)
+    module, args = base_args("perception_lm", ckpt, n_tokens=2)
+    r = cli_in_process(module, *args, "--image", big, "--max-tiles", 20)
+    assert r.returncode == 0, r.stderr
+    # the fixture's 56 px tiles are 4 tokens each (14 px patches, 2x2 pooling)
+    assert r.stderr.startswith("note: an image becomes 17 tiles, 68 tokens, slow on a CPU")
+    assert r.stderr.count("\n") == 1 and "--max-tiles" in r.stderr
+    r = cli_in_process(module, *args, "--batch", big, big.parent / "*.png", tmp_path / "big.png",
+                       "--max-tiles", 20)
+    assert r.returncode == 0 and r.stderr.count("note:") == 1 and len(r.stdout.splitlines()) == 1
+    small = write_images(tmp_path / "photos", sizes=SIZES[:1], bad=False)[0]
+    # the checkpoint's own cap of 4 tiles: 5 with the thumbnail, no note
+    assert cli_in_process(module, *args, "--image", small[0]).stderr == ""
+
+
+def test_one_image_cli_shows_the_tiles_being_encoded(ckpt, tmp_path, monkeypatch):
+    """The one-image CLI wires the hook to PerceptionLM's vision tower (one tile a call): with a
+    clock at 1 s a call the prefill is 'long', and stderr counts the 5 tiles; stdout is the
+    answer."""
+    image = write_images(tmp_path / "photos", sizes=SIZES[:1], bad=False)[0][0]
+    module, args = base_args("perception_lm", ckpt, n_tokens=3)
+    quiet = cli_in_process(module, *args, "--image", image)
+    clock = iter(range(10_000))
+    monkeypatch.setattr(common.time, "perf_counter", lambda: float(next(clock)))
+    shown = cli_in_process(module, *args, "--image", image, "--progress")
+    assert shown.returncode == quiet.returncode == 0
+    assert shown.stdout == quiet.stdout and quiet.stderr == ""
+    counts = [line for line in shown.stderr.splitlines() if line.startswith("encoding")]
+    assert counts[-1] == "encoding 5 tiles: 5/5" and len(counts) >= 3
