@@ -19,6 +19,7 @@ import sys
 import time
 import zipfile
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -564,11 +565,7 @@ def load(model=DEFAULT_MODEL, device=None, dtype=None, quantize=None):
     quantize: None, "int8" or "int4" decoder weights (common.load_weights)."""
     folder = resolve(model)
     cfg = Config.from_folder(folder)
-
-    def make():
-        return PaliGemma(cfg)
-
-    m = load_weights(make, folder, hub_name, device, dtype, quantize)
+    m = load_weights(partial(PaliGemma, cfg), folder, hub_name, device, dtype, quantize)
     processor = Processor(folder)
     m.stop = stop_ids(folder, processor.tokenizer.token_to_id(processor.eos))
     m.pad_id = processor.pad_id

@@ -39,7 +39,7 @@ from common import (Batch, KVCache, Linear, VLMError, append_answers, apply_rope
 DEFAULT_MODEL = "facebook/Perception-LM-1B"
 
 
-# ----------------------------------------------------------------------------- config
+# ------------------------------------------------------------ config
 
 @dataclass
 class VisionConfig:  # timm Eva arguments; the defaults both PE architectures share
@@ -129,7 +129,7 @@ class Config:
         return cfg
 
 
-# ----------------------------------------------------------------------------- vision tower
+# ------------------------------------------------------------ vision tower
 # Perception Encoder (arXiv:2504.13181) as timm's Eva runs it; checkpoint keys
 # `model.vision_tower.timm_model.*`.
 
@@ -270,7 +270,7 @@ class PerceptionEncoder(nn.Module):
         return self.norm(x)
 
 
-# ----------------------------------------------------------------------------- projector
+# ------------------------------------------------------------ projector
 
 class Projector(nn.Module):
     """linear_1 -> exact GELU -> linear_2 on every patch, then average pooling of the patch grid by
@@ -296,7 +296,7 @@ class Projector(nn.Module):
         return x
 
 
-# ----------------------------------------------------------------------------- decoder: Llama 3
+# ------------------------------------------------------------ decoder: Llama 3
 # The Llama 3 decoder (arXiv:2407.21783); checkpoint keys `model.language_model.*`.
 
 def llama3_inv_freq(c):
@@ -423,7 +423,7 @@ class Llama(nn.Module):
         return self.norm(x)
 
 
-# ----------------------------------------------------------------------------- the full model
+# ------------------------------------------------------------ the full model
 
 class PerceptionLM(nn.Module):
     def __init__(self, cfg):
@@ -525,7 +525,7 @@ class PerceptionLM(nn.Module):
                         top_k, top_p, seed, stream)
 
 
-# ----------------------------------------------------------------------------- preprocessing
+# ------------------------------------------------------------ preprocessing
 
 def flatten(images):
     """One image, a list, or a list of lists (one per prompt) -> a flat list."""
@@ -783,7 +783,7 @@ class Processor:
         return decode_ids(self.tokenizer, ids, self.stop)
 
 
-# ----------------------------------------------------------------------------- loading
+# ------------------------------------------------------------ loading
 
 def hub_name(key, tied):
     """Hub key -> our module path: `model.` and timm's `timm_model.` wrapper dropped. A tied
@@ -808,7 +808,7 @@ def load(model=DEFAULT_MODEL, device=None, dtype=None, quantize=None):
     return perception_lm, processor
 
 
-# ----------------------------------------------------------------------------- command line
+# ------------------------------------------------------------ command line
 
 def main(argv=None):
     parser = cli_parser("Describe images and videos, or answer questions about them, with "

@@ -18,6 +18,7 @@ head dim.
 import math
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -37,7 +38,7 @@ from common import (
 DEFAULT_MODEL = "HuggingFaceTB/SmolVLM2-256M-Video-Instruct"
 
 
-# ------------------------------------------------------------------------- config
+# ------------------------------------------------------------ config
 
 @dataclass
 class VisionConfig:
@@ -97,7 +98,7 @@ class Config:
                       config.get("image_token_id", 128257))
 
 
-# ------------------------------------------------------------------------- vision tower: SigLIP
+# ------------------------------------------------------------ vision tower: SigLIP
 
 class VisionEmbeddings(nn.Module):
     """Patch embedding plus learned positions. Idefics2 (arXiv:2405.02246) adapted SigLIP to tiles
@@ -200,7 +201,7 @@ class VisionTransformer(nn.Module):
         return self.post_layernorm(x)
 
 
-# ------------------------------------------------------------------------- connector: pixel shuffle
+# ------------------------------------------------------------ connector: pixel shuffle
 
 class Connector(nn.Module):
     """Pixel shuffle (space-to-depth) then a linear map: s^2 fewer tokens, each s^2 times wider
@@ -225,7 +226,7 @@ class Connector(nn.Module):
         return self.modality_projection.proj(x)  # (N, P / s^2, C)
 
 
-# ------------------------------------------------------------------------- decoder: Llama (SmolLM2)
+# ------------------------------------------------------------ decoder: Llama (SmolLM2)
 
 class LlamaRMSNorm(nn.Module):
     """RMSNorm (arXiv:1910.07467)."""
@@ -321,7 +322,7 @@ class Llama(nn.Module):
         return self.norm(x)
 
 
-# ------------------------------------------------------------------------- the full model
+# ------------------------------------------------------------ the full model
 
 class SmolVLM(nn.Module):
     def __init__(self, cfg):
@@ -437,7 +438,7 @@ class SmolVLM(nn.Module):
                         top_p, seed, stream)
 
 
-# ------------------------------------------------------------------------- preprocessing
+# ------------------------------------------------------------ preprocessing
 
 RESAMPLE = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic"}  # PIL codes in the configs
 MAX_IMAGE_SIZE = 4096  # transformers' cap on the longest edge
@@ -846,7 +847,7 @@ class Processor:
         return decode_ids(self.tokenizer, ids, self.stop)
 
 
-# ------------------------------------------------------------------------- loading
+# ------------------------------------------------------------ loading
 
 def hub_name(key):
     """Our module paths are the hub's; a stray computed buffer some exports carry is skipped."""
@@ -861,7 +862,7 @@ def load(model=DEFAULT_MODEL, device=None, dtype=None, quantize=None):
     folder = resolve(model)
     cfg = Config.from_folder(folder)
     processor = Processor(folder, cfg)
-    smolvlm = load_weights(lambda: SmolVLM(cfg), folder, hub_name, device, dtype, quantize)
+    smolvlm = load_weights(partial(SmolVLM, cfg), folder, hub_name, device, dtype, quantize)
     # the processor's end tokens with config.json's and generation_config.json's
     stop = stop_ids(folder, *processor.stop)
     processor.stop = stop
@@ -870,7 +871,7 @@ def load(model=DEFAULT_MODEL, device=None, dtype=None, quantize=None):
     return smolvlm, processor
 
 
-# ------------------------------------------------------------------------- command line
+# ------------------------------------------------------------ command line
 
 def cli_prompt(processor, args, n_images):
     """--prompt in the chat template with a placeholder per image or video; with --raw, as typed
