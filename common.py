@@ -992,13 +992,13 @@ def read_jsonl(path):
     return lines
 
 
-def write_atomically(path, text):
-    """The whole file or nothing: a temporary file beside it, synced to disk, renamed over it."""
+def write_atomically(path, write):
+    """The whole file or nothing: `write(temporary)` makes a temporary file beside `path`, which is
+    then synced to disk and renamed over it."""
     temporary = f"{path}.{os.getpid()}.tmp"
     try:
-        with open(temporary, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
+        write(temporary)
+        with open(temporary, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(temporary, path)
     except OSError as e:
@@ -1108,7 +1108,12 @@ class Batch:
         if not self.args.output_jsonl:
             print("\n".join(lines), flush=True)
             return
-        write_atomically(self.args.output_jsonl, "".join(line + "\n" for line in self.lines))
+        text = "".join(line + "\n" for line in self.lines)
+
+        def write_text(temporary):
+            Path(temporary).write_text(text, encoding="utf-8")
+
+        write_atomically(self.args.output_jsonl, write_text)
 
 
 def progress_text(done, total, start):

@@ -13,7 +13,6 @@ Shapes: N images, P patches per image, B batch, T new tokens, S keys (all tokens
 heads, K key/value heads, D head dim, C widths.
 """
 import json
-import os
 import re
 import sys
 import time
@@ -32,7 +31,7 @@ from common import (Batch, KVCache, Linear, VLMError, apply_rope, attend, check_
                     cli_parser, decode_ids, download, from_dict, generate, image_tensor,
                     left_pad, load_weights, next_token_loss, normalize, open_image, open_tokenizer,
                     optional_json, read_json, resize, resolve, rope_cos_sin, rope_inv_freq,
-                    rope_theta, run_cli, stop_ids, stream_answer, token_text)
+                    rope_theta, run_cli, stop_ids, stream_answer, token_text, write_atomically)
 
 DEFAULT_MODEL = "google/paligemma2-3b-mix-224"
 
@@ -780,17 +779,6 @@ def draw(image, objects, masks=None):
     return picture
 
 
-def save_png(picture, path):
-    """Write a temporary file in the same folder, then rename it: never a half-written PNG."""
-    temporary = f"{path}.{os.getpid()}.tmp"
-    try:
-        picture.save(temporary, format="PNG")
-        os.replace(temporary, path)
-    except OSError as e:
-        Path(temporary).unlink(missing_ok=True)
-        raise VLMError(f"cannot write {path} ({e.strerror or e})") from None
-
-
 def add_task_args(parser):
     parser.add_argument("--output", help="detect/segment: draw boxes, labels, masks into this PNG")
     parser.add_argument("--json", action="store_true",
@@ -818,7 +806,8 @@ def write_detections(text, image, output=None, as_json=False, decoder=None):
     if output is not None:
         if not objects:
             print(f"the answer holds no object: {output} is the image unchanged", file=sys.stderr)
-        save_png(draw(image, objects, masks), output)
+        picture = draw(image, objects, masks)
+        write_atomically(output, partial(picture.save, format="PNG"))  # never a half-written PNG
     if as_json:
         print(json.dumps({"text": text, "objects": json_objects(objects, masks)}))
 

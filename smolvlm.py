@@ -912,7 +912,7 @@ def main(argv=None):
     processor = Processor(folder, Config.from_folder(folder))
     if batch is not None:
         prompt = cli_prompt(processor, args, 1)  # one image per prompt
-        model, processor = load(str(folder), args.device, args.dtype)
+        model, processor = load(str(folder), args.device, args.dtype, args.quantize)
 
         def make_inputs(batch_images):
             return processor(text=[prompt] * len(batch_images),

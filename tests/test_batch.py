@@ -270,3 +270,23 @@ def test_one_image_cli_shows_the_tiles_being_encoded(ckpt, tmp_path, monkeypatch
     assert shown.stdout == quiet.stdout and quiet.stderr == ""
     counts = [line for line in shown.stderr.splitlines() if line.startswith("encoding")]
     assert counts[-1] == "encoding 5 tiles: 5/5" and len(counts) >= 3
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("batch", [False, True])
+def test_quantize_reaches_load(family, batch, ckpt, tmp_path, monkeypatch):
+    """--quantize is passed to load() on both paths, one image and --batch."""
+    module, _, _, prompt = FAMILIES[family]
+    seen = []
+
+    def fake_load(model, device=None, dtype=None, quantize=None):
+        seen.append(quantize)
+        raise common.VLMError("stopped after load")
+
+    monkeypatch.setattr(module, "load", fake_load)
+    paths, _ = write_images(tmp_path / "images", bad=False)
+    source = ["--batch", str(tmp_path / "images")] if batch else ["--image", paths[0]]
+    r = cli_in_process(module, "--model", ckpt[family], *source, "--prompt", prompt,
+                       "--quantize", "int8")
+    assert_fails(r, "stopped after load")
+    assert seen == ["int8"]
