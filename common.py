@@ -135,22 +135,31 @@ def make_mask(keys, T):
 
 class KVCache:
     """Keys and values of every layer, allocated once for prompt + new tokens and written in
-    place."""
+    place. One tensor a layer (B, K, max_len, D): a compiled decode step writes into each as it is,
+    where slices of one big tensor would be copied whole by the compiler."""
 
     def __init__(self, n_layers, batch, n_kv_heads, max_len, head_dim, dtype, device):
-        shape = (n_layers, batch, n_kv_heads, max_len, head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        shape = (batch, n_kv_heads, max_len, head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
         self.len = 0  # filled positions; the model advances it after each forward pass
+        # a compiled decode step's write position, as a tensor (1,): with it set, update() returns
+        # every slot, filled or not, so each step has the same shapes (its mask hides the empty
+        # slots) and the compiled code is reused
+        self.slot = None
 
     def update(self, layer, k, v):
         """Store k, v (B, K, T, D) after the filled positions -> all keys and values so far (B, K,
-        S, D)."""
+        S, D); with `slot` set, the one new position there -> all slots (B, K, max_len, D)."""
+        if self.slot is not None:
+            self.k[layer].index_copy_(2, self.slot, k)
+            self.v[layer].index_copy_(2, self.slot, v)
+            return self.k[layer], self.v[layer]
         start = self.len
         end = start + k.shape[2]
-        self.k[layer, :, :, start:end] = k
-        self.v[layer, :, :, start:end] = v
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+        self.k[layer][:, :, start:end] = k
+        self.v[layer][:, :, start:end] = v
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
 
 
 def next_token_loss(logits, labels):
@@ -175,12 +184,13 @@ class Linear(nn.Linear):
     x) runs faster as w @ x than as x @ w.T: the matrix-vector kernel streams the weights at
     ~1.2-1.5x the rate of the matrix-matrix one (bench/). The decoders build every projection from
     this class, so a variant (quantized weights, say) can replace these modules without touching a
-    model's forward code."""
+    model's forward code. Compiled (generate(..., compile=True)), it is a plain F.linear: the
+    compiler packs the weight and picks its own kernel."""
 
     def forward(self, x):
         rows = x.numel() // x.shape[-1]
         fast = x.dtype == torch.bfloat16 and x.device.type == "cpu" and self.bias is None
-        if not fast or rows > 32:
+        if not fast or rows > 32 or torch.compiler.is_compiling():
             return F.linear(x, self.weight, self.bias)
         if rows == 1:
             y = self.weight @ x.reshape(-1)  # (out,): the matrix-vector kernel
@@ -844,6 +854,45 @@ class Streamer:
               f"decode {rate:.1f} tokens/s ({n} tokens)", file=sys.stderr)
 
 
+# ------------------------------------------------------------ compiled decoding
+# generate(..., compiled=True): the decode step as one compiled program. Eager PyTorch runs a
+# SmolVLM-256M step as ~7,400 separate operations, each paying its dispatch; compiled, the small
+# ones are fused and each matrix-vector product gets the kernel timed fastest for its shape
+# (bench/RESULTS.md, issue 17). For inference: the weights are frozen into the program.
+
+COMPILE_OPTIONS = {
+    "max_autotune": True,  # time candidate kernels for each matrix product and keep the fastest
+    # the model's modules do not change between steps: checking them all costs ~0.5 ms a step
+    "guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe,
+    "autotune_num_choices_displayed": 0,  # no timing tables on stderr
+    "max_autotune_report_choices_stats": False,
+}
+
+
+def compile_step(model, name, keys, cache):
+    """The model's decode method `name` compiled, once, and kept on the model for the next runs.
+    The run's length (the cache's slots, `keys` (B, max_len)) is marked as the size that changes,
+    so one compiled program serves every prompt length; the batch size compiles anew."""
+    if keys.device.type != "cpu":
+        raise VLMError(f"--compile is verified on the CPU only, not on {keys.device.type}")
+    torch._dynamo.mark_dynamic(keys, 1)  # (B, max_len)
+    for tensor in cache.k + cache.v:
+        torch._dynamo.mark_dynamic(tensor, 2)  # (B, K, max_len, D)
+    attribute = "compiled_" + name
+    if not hasattr(model, attribute):
+        step = torch.compile(getattr(model, name), options=COMPILE_OPTIONS)
+        setattr(model, attribute, step)
+    return partial(call_frozen, getattr(model, attribute))
+
+
+def call_frozen(step, *args):
+    """Run a compiled step, compiling it first if need be with its weights frozen: constants,
+    packed once for the kernels chosen. (Freezing must be set while the step is traced, which
+    torch.compile's options do not reach.)"""
+    with torch._inductor.config.patch(freezing=True):
+        return step(*args)
+
+
 # ------------------------------------------------------------ command line
 
 # --batch: images generated together by default; measured in bench/batch.py (bench/RESULTS.md)
@@ -867,6 +916,8 @@ def cli_parser(description, default_model):
     p.add_argument("--quantize", choices=["int8", "int4"], default=None,
                    help="decoder weights in int8 (per channel) or int4 (groups of 64): fewer bytes "
                    "to read per token, on the CPU; the vision tower is left as it is")
+    p.add_argument("--compile", action="store_true", help="decode through torch.compile (SmolVLM, "
+                   "on the CPU): about a minute to compile, then about twice the tokens a second")
     p.add_argument("--verbose", action="store_true", help="timings (load, prefill, tokens/s)")
     p.add_argument("--progress", action="store_true", help="progress on stderr even when it is not "
                    "a terminal")
@@ -938,7 +989,7 @@ def stream_answer(model, processor, inputs, args, load_seconds, vision):
     with encoding_progress(vision, inputs, shown):
         new_ids = model.generate(**inputs, max_new_tokens=args.max_new_tokens,
                                  temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                                 seed=args.seed, stream=printer)
+                                 seed=args.seed, stream=printer, compiled=args.compile)
     printer()  # the rest of the text, and a newline
     if args.verbose:
         printer.report(load_seconds)
@@ -1087,7 +1138,7 @@ class Batch:
         with encoding_progress(vision, inputs, self.shown):
             new_ids = model.generate(**inputs, max_new_tokens=args.max_new_tokens,
                                      temperature=args.temperature, top_k=args.top_k,
-                                     top_p=args.top_p, seed=args.seed)
+                                     top_p=args.top_p, seed=args.seed, compiled=args.compile)
         seconds = (time.perf_counter() - start) / len(images)  # each image's share of the batch
         records = {}
         for (path, image), ids in zip(images.items(), new_ids.tolist()):

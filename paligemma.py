@@ -436,10 +436,13 @@ class PaliGemma(nn.Module):
     @torch.inference_mode()
     def generate(self, input_ids, pixel_values=None, attention_mask=None, token_type_ids=None,
                  max_new_tokens=100, temperature=0.0, top_k=None, top_p=None, seed=None,
-                 stream=None):
-        """Prefill once, then decode with the KV cache. Returns only the new ids (B, n)."""
+                 stream=None, compiled=False):
+        """Prefill once, then decode with the KV cache. Returns only the new ids (B, n).
+        compiled=True (SmolVLM's compiled decoding) is not written for this model yet."""
         B, T = input_ids.shape
         t = self.cfg.text
+        if compiled:
+            raise VLMError("--compile is SmolVLM's for now; decode without it")
         check_context(T, max_new_tokens, t.max_position_embeddings)
         total = T + max_new_tokens
         device = input_ids.device

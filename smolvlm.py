@@ -28,9 +28,9 @@ import torch.nn.functional as F
 
 from common import (
     Batch, KVCache, Linear, VLMError, append_answers, apply_rope, attend, check_args, check_context,
-    cli_parser, decode_ids, from_dict, generate, image_tensor, left_pad, load_weights, make_mask,
-    next_token_loss, normalize, open_image, open_tokenizer, optional_json, read_json, read_video,
-    render_template, resize, resolve, rope_cos_sin, rope_inv_freq, rope_theta, run_cli,
+    cli_parser, compile_step, decode_ids, from_dict, generate, image_tensor, left_pad, load_weights,
+    make_mask, next_token_loss, normalize, open_image, open_tokenizer, optional_json, read_json,
+    read_video, render_template, resize, resolve, rope_cos_sin, rope_inv_freq, rope_theta, run_cli,
     split_answer, stop_ids, stream_answer, token_text,
 )
 
@@ -404,11 +404,25 @@ class SmolVLM(nn.Module):
                            f"{features.shape[0]} features")
         return x.masked_scatter(is_image[..., None], features.to(x.dtype))
 
+    def decode_step(self, token, positions, keys, cache):
+        """The decode step that generate(..., compiled=True) compiles: token (B, 1) at `positions`
+        (B, 1) -> fp32 logits (B, 1, V). Its key and value go to slot cache.slot (1,), and it
+        attends to the filled slots of the real tokens `keys` (B, max_len) of the whole run. The
+        cache's length is the one size that changes from run to run (common.compile_step)."""
+        filled = torch.arange(keys.shape[1], device=keys.device) <= cache.slot  # (max_len,)
+        mask = (keys & filled)[:, None, None]  # (B, 1, 1, max_len)
+        x = self.model.text_model.embed_tokens(token)  # (B, 1, C)
+        x = self.model.text_model(x, positions, mask, cache)  # (B, 1, C)
+        # fp32 out: rounded inside the compiled program, and an fp32 argmax is ~2.5x a bf16 one
+        return self.lm_head(x).float()  # (B, 1, V)
+
     @torch.inference_mode()
     def generate(self, input_ids, attention_mask=None, pixel_values=None, pixel_attention_mask=None,
                  max_new_tokens=100, temperature=0.0, top_k=None, top_p=None, seed=None,
-                 stream=None):
+                 stream=None, compiled=False):
         """Prefill once (the images are encoded here only), then decode with the KV cache.
+        compiled=True: decode through torch.compile (common.compile_step: about a minute the first
+        time in a process, then about twice the tokens a second on a CPU; bench/RESULTS.md).
         Returns the new ids (B, n)."""
         check_args(max_new_tokens, temperature, top_k, top_p)  # before the prefill's work
         B, T = input_ids.shape
@@ -423,6 +437,9 @@ class SmolVLM(nn.Module):
         if attention_mask is not None:
             keys[:, :T] = attention_mask
         last_position = keys[:, :T].sum(-1, keepdim=True) - 1  # (B, 1): of the last prompt token
+        decode = None
+        if compiled:  # checked before the prefill's work
+            decode = compile_step(self, "decode_step", keys, cache)
         logits = self(input_ids, keys[:, :T], pixel_values, pixel_attention_mask, cache=cache,
                       last_only=True)
         logits = logits[:, -1]  # (B, V)
@@ -430,8 +447,13 @@ class SmolVLM(nn.Module):
         def step(token):  # (B,) -> the next logits (B, V), one cached decode step
             S = cache.len + 1
             positions = last_position + (S - T)  # (B, 1)
-            logits = self(token[:, None], keys[:, :S], positions=positions, cache=cache,
-                          last_only=True)
+            if decode is None:
+                logits = self(token[:, None], keys[:, :S], positions=positions, cache=cache,
+                              last_only=True)
+            else:
+                cache.slot = torch.full((1,), S - 1, device=device)  # where the new key goes
+                logits = decode(token[:, None], positions, keys, cache)
+                cache.len = S
             return logits[:, -1]
 
         return generate(step, logits, max_new_tokens, self.stop, self.pad_id, temperature, top_k,

@@ -12,7 +12,7 @@ from conftest import ROOT
 
 
 @pytest.mark.parametrize("script", ["compare.py", "measure.py", "bandwidth.py", "checkpoints.py",
-                                    "train.py", "batch.py"])
+                                    "train.py", "batch.py", "llamacpp.py"])
 def test_scripts_start(script):
     r = subprocess.run([sys.executable, str(ROOT / "bench" / script), "--help"],
                        capture_output=True, text=True)

@@ -89,9 +89,9 @@ def test_load_weights_ties_shared_parameters(tmp_path):
 
 def test_kv_cache_writes_in_place():
     cache = common.KVCache(2, 1, 1, 10, 4, torch.float32, "cpu")
-    ptr = cache.k.data_ptr()
+    ptr = cache.k[1].data_ptr()
     k, v = cache.update(1, torch.ones(1, 1, 3, 4), torch.ones(1, 1, 3, 4))
-    assert k.shape == (1, 1, 3, 4) and cache.k.data_ptr() == ptr
+    assert k.shape == (1, 1, 3, 4) and cache.k[1].data_ptr() == ptr
     cache.len = 3
     k, _ = cache.update(1, 2 * torch.ones(1, 1, 1, 4), torch.ones(1, 1, 1, 4))
     assert k.shape == (1, 1, 4, 4) and k[0, 0, 3, 0] == 2 and k[0, 0, 0, 0] == 1

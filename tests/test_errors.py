@@ -571,6 +571,10 @@ PLACEHOLDERS = {  # (family, case) -> flags ({good}: an image, {clip}: a video),
          "the prompts have 2 <|video|> placeholders but 1 videos were given"),
     ("perception_lm", "--max-tiles 0"):
         (["--image", "{good}", "--max-tiles", "0"], "error: max-tiles must be positive, got 0"),
+    ("paligemma", "--compile"):
+        (["--image", "{good}", "--compile"], "error: --compile is SmolVLM's for now"),
+    ("perception_lm", "--compile"):
+        (["--image", "{good}", "--compile"], "error: --compile is SmolVLM's for now"),
 }
 
 

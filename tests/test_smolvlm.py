@@ -327,6 +327,51 @@ def test_cached_generation_equals_uncached(variant, ours, images):
     assert torch.equal(new, ids[:, -10:])
 
 
+def test_compiled_decoding_equals_eager(ours, images):
+    """generate(compiled=True), the decode step through torch.compile (issue 17): the same greedy
+    tokens as eager decoding on a left-padded batch, and prompts of other lengths reuse the one
+    compiled program. (The fp32 kernels differ in rounding, O(1e-6) on logits O(10); the paths
+    are checked for near-ties, as in test_greedy_tokens_match_transformers.)"""
+    model, proc = ours["v2"]
+    first = proc(text=[proc.apply_chat_template(chat("image")),
+                       proc.apply_chat_template(chat("image", "image", text="Compare."))],
+                 images=[[images[0]], [images[3], images[1]]])
+    second = proc(text=[proc.apply_chat_template(chat("image", text="What is it?")),
+                        proc.apply_chat_template(chat(text="Tell me a story."))],
+                  images=[[images[2]], []])
+    assert first["input_ids"].shape[1] != second["input_ids"].shape[1]
+    eager = model.generate(**first, max_new_tokens=12)
+    assert torch.equal(model.generate(**first, max_new_tokens=12, compiled=True), eager)
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    new = model.generate(**second, max_new_tokens=5, compiled=True)
+    assert torch.equal(new, model.generate(**second, max_new_tokens=5))
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs  # no second compile
+    # the tokens are no near-ties, so equal tokens mean equal computations
+    for inputs, ids in ((first, eager), (second, new)):
+        T = inputs["input_ids"].shape[1]
+        full = dict(inputs, input_ids=torch.cat([inputs["input_ids"], ids], 1),
+                    attention_mask=torch.cat([inputs["attention_mask"], torch.ones_like(ids)], 1))
+        with torch.no_grad():
+            top2 = model(**full)[:, T - 1:-1].topk(2).values
+        assert (top2[..., 0] - top2[..., 1]).min() > 1e-3
+    # and the logits, a few compiled steps against the uncached forward (fp32: 1e-4, as parity)
+    ids = proc(text=[proc.apply_chat_template(chat(text="Tell me a story."))])["input_ids"]
+    T = ids.shape[1]
+    c = model.cfg.text
+    cache = common.KVCache(c.num_hidden_layers, 1, c.num_key_value_heads, T + 3, c.head_dim,
+                           torch.float32, "cpu")
+    keys = torch.ones(1, T + 3, dtype=torch.bool)
+    with torch.inference_mode():
+        model(ids, cache=cache, last_only=True)
+        step = common.compile_step(model, "decode_step", keys, cache)
+        for token in (5, 17, 40):
+            cache.slot = torch.full((1,), cache.len)
+            logits = step(torch.tensor([[token]]), torch.tensor([[cache.len]]), keys, cache)
+            cache.len += 1
+            ids = torch.cat([ids, torch.tensor([[token]])], 1)
+            assert (logits - model(ids)[:, -1:]).abs().max() < 1e-4
+
+
 @pytest.mark.parametrize("variant", ["v1", "v2"])
 def test_mixed_tile_batch_equals_rows_alone(variant, ours, images):
     """Rows with 17, 13 + 9 and no tiles (zero-padded images and masks) and left padding == each row
