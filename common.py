@@ -135,13 +135,14 @@ def make_mask(keys, T):
 
 class KVCache:
     """Keys and values of every layer, allocated once for prompt + new tokens and written in
-    place. One tensor a layer (B, K, max_len, D): a compiled decode step writes into each as it is,
-    where slices of one big tensor would be copied whole by the compiler."""
+    place. One tensor for all layers, handed out as one view a layer (B, K, max_len, D): a compiled
+    decode step gets the views as inputs and writes into them in place (indexing the whole tensor
+    inside the step made the compiler copy all of it at every layer)."""
 
     def __init__(self, n_layers, batch, n_kv_heads, max_len, head_dim, dtype, device):
-        shape = (batch, n_kv_heads, max_len, head_dim)
-        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
-        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
+        shape = (n_layers, batch, n_kv_heads, max_len, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device).unbind(0)
+        self.v = torch.zeros(shape, dtype=dtype, device=device).unbind(0)
         self.len = 0  # filled positions; the model advances it after each forward pass
         # a compiled decode step's write position, as a tensor (1,): with it set, update() returns
         # every slot, filled or not, so each step has the same shapes (its mask hides the empty
@@ -184,7 +185,7 @@ class Linear(nn.Linear):
     x) runs faster as w @ x than as x @ w.T: the matrix-vector kernel streams the weights at
     ~1.2-1.5x the rate of the matrix-matrix one (bench/). The decoders build every projection from
     this class, so a variant (quantized weights, say) can replace these modules without touching a
-    model's forward code. Compiled (generate(..., compile=True)), it is a plain F.linear: the
+    model's forward code. Compiled (generate(..., compiled=True)), it is a plain F.linear: the
     compiler packs the weight and picks its own kernel."""
 
     def forward(self, x):
