@@ -16,6 +16,7 @@ import glob
 import json
 import math
 import os
+import statistics
 import sys
 import time
 import warnings
@@ -848,8 +849,9 @@ class Streamer:
         times = self.times
         n = len(times) - 1
         rate = float("nan")
-        if n > 1:
-            rate = (n - 1) / (times[-1] - times[1])  # the tokens after the first, over their time
+        if n > 1:  # one over the median step after the first token: a compiling step is no step
+            steps = [later - earlier for earlier, later in zip(times[1:], times[2:])]
+            rate = 1 / statistics.median(steps)
         prefill = times[1] - times[0]
         print(f"load {load_seconds:.2f} s, prefill {prefill:.2f} s (to the first token), "
               f"decode {rate:.1f} tokens/s ({n} tokens)", file=sys.stderr)
@@ -880,7 +882,9 @@ def compile_step(model, name, keys, cache):
     for tensor in cache.k + cache.v:
         torch._dynamo.mark_dynamic(tensor, 2)  # (B, K, max_len, D)
     attribute = "compiled_" + name
-    if not hasattr(model, attribute):
+    if not hasattr(model, attribute):  # compiled at its first call, after the first token
+        print("compiling the decode step at its first call: about a minute on a CPU, once in this "
+              "process", file=sys.stderr)
         step = torch.compile(getattr(model, name), options=COMPILE_OPTIONS)
         setattr(model, attribute, step)
     return partial(call_frozen, getattr(model, attribute))
