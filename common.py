@@ -1,25 +1,27 @@
-"""What paligemma.py, smolvlm.py and perception_lm.py share: the functions their modules call and
-the plumbing around the models.
+"""What paligemma.py, smolvlm.py and perception_lm.py share: the functions their modules call, the
+loading of a checkpoint, and generation. Nothing model-specific (each model file holds its whole
+model: vision encoder, projector, and the decoder with its own attention module and MLP) and no
+tooling (quantizing, the command line, the --batch runner and compiled decoding live in tool files
+of their own, README "Reading a model file"). A model file needs only this file.
 
-Top to bottom: the error type, config helpers, RoPE, attention (the function, the causal mask, the
-KV cache), the linear layer of the decoders, image and video input, checkpoints (resolution and
-strict loading), tokenizers and chat templates, sampling and the decode loop, command-line helpers.
-Nothing here is model-specific: each model file holds its whole model (vision encoder, projector,
-and the decoder with its own attention module and MLP) and needs only this file.
+Sections, top to bottom:
+  error type        VLMError (a problem with the user's input: the CLIs print it as one line)
+  config            reading config.json sections into dataclasses, the RoPE base
+  RoPE              frequencies, cos/sin for positions, the rotation
+  attention         attend (SDPA, grouped-query), make_mask, KVCache
+  loss and context  next_token_loss (training), check_context
+  layers            Linear (the decoders' projections, with the CPU decode path), Embedding
+  images and video  open_image, RGB conversion, resizing, normalising, PyAV decoding
+  checkpoints       hub or local resolution, device and dtype, strict safetensors loading (with a
+                    per-tensor hook that quantize.py uses), tied weights, end-of-turn ids
+  text              tokenizer, chat template (finding and rendering it), padding, decoding, labels
+  generation        sampling (greedy, top-k, nucleus) and the decode loop all three models use
 
 Shapes: B batch, T new tokens, S keys (cache length so far), H query heads, K key/value heads, D
 head dim.
 """
-import argparse
-import contextlib
-import glob
 import json
 import math
-import os
-import statistics
-import sys
-import time
-import warnings
 from dataclasses import fields
 from functools import partial
 from pathlib import Path
@@ -179,7 +181,7 @@ def check_context(prompt_len, max_new_tokens, context, hint=""):
                        f"exceed the model's context of {context} tokens{hint}")
 
 
-# ------------------------------------------------------------ the decoders' linear layer
+# ------------------------------------------------------------ layers
 
 class Linear(nn.Linear):
     """nn.Linear with a CPU fast path for decoding. In bf16 on a CPU, a decode step (a few rows of
@@ -201,144 +203,14 @@ class Linear(nn.Linear):
         return y.t().contiguous().view(*x.shape[:-1], -1)  # (..., out)
 
 
-# ------------------------------------------------------------ quantized decoder weights
-# `load(..., quantize="int8" | "int4")` replaces every decoder Linear (projections, MLPs, output
-# head) by one of these before loading and quantizes each weight as it is read; the vision tower
-# and the projector keep their dtype (4-bit vision towers broke other ports: bnb#963, tf#34294).
-# Weights only: activations stay in the model's dtype. Kernels: torch's own CPU ones.
+class Embedding(nn.Embedding):
+    """nn.Embedding with no random initialisation on the meta device, where load() builds a model:
+    there it would import torch._dynamo (~2 s spent for nothing, since every weight is then
+    loaded). Elsewhere (a model built for training from scratch) it initialises as usual."""
 
-INT4_GROUP = 64  # weights per int4 scale: 64 divides every real in-features count (576, 1536,
-# 2048, 2304, 8192, 9216) and decodes ~10% faster than groups of 32 (bench/RESULTS.md)
-QUANTIZE_ROWS = 1024  # rows quantized at a time: fp32 temporaries of at most ~40 MB (a whole
-# 257,216-row head would take 2.4 GB), changed in place (fresh pages cost more than the arithmetic)
-
-
-def quantize_int8(weight):
-    """Symmetric round-to-nearest per output channel: weight (out, in) ~ q * scale[:, None] with q
-    in [-127, 127] -> (q int8 (out, in), scale fp32 (out,))."""
-    w = weight.to(torch.float32, copy=True)  # changed in place below
-    # amin and amax: 10x faster than torch.aminmax along rows here (torch 2.14 on this CPU)
-    largest = torch.maximum(-w.amin(dim=1), w.amax(dim=1))  # (out,): the largest |weight|
-    scale = largest.clamp(min=1e-12) / 127  # maps to 127
-    q = w.div_(scale[:, None]).round_().clamp_(-127, 127)
-    return q.to(torch.int8), scale
-
-
-def quantize_int4(weight, group_size):
-    """Asymmetric round-to-nearest per group of `group_size` inputs (all 16 levels between a
-    group's min and max, as gpt-fast and torchao do): weight ~ q * scale + low, q in [0, 15] ->
-    (q uint8 (out, in), scale fp32 (out, in / group), low fp32 (out, in / group))."""
-    out_features, in_features = weight.shape
-    groups = weight.to(torch.float32, copy=True).view(out_features, -1, group_size)
-    low = groups.amin(dim=-1)  # (out, groups)
-    scale = (groups.amax(dim=-1) - low).clamp(min=1e-12) / 15
-    q = groups.sub_(low[..., None]).div_(scale[..., None]).round_().clamp_(0, 15)
-    return q.to(torch.uint8).view(out_features, in_features), scale, low
-
-
-def pack_int4(q):
-    """q uint8 (out, in) in [0, 15] -> the layout of torch's CPU int4 kernel, uint8 (out, in / 2).
-    Its converter takes int32 (4 bytes a weight): load_weights gives it 1024 rows at a time."""
-    return torch._convert_weight_to_int4pack_for_cpu(q.int(), 2)
-
-
-class Int8Linear(nn.Module):
-    """A decoder Linear with int8 weights and one scale per output channel: y = (x @ q.T) * scale,
-    by torch._weight_int8pack_mm for a few rows (decoding). A prompt's many rows go through the
-    dtype's matrix product instead, on q converted (exactly) to that dtype: at 256 rows the int8
-    kernel takes ~10x the time of a bf16 product, ~2x that of converting first (bench/)."""
-
-    def __init__(self, in_features, out_features, dtype):
-        super().__init__()
-        self.in_features = in_features
-        self.out_features = out_features
-        self.dtype = dtype  # of the activations, and so of the scales the kernel multiplies by
-        self.register_buffer("weight", torch.empty(out_features, in_features, dtype=torch.int8))
-        self.register_buffer("scale", torch.empty(out_features, dtype=dtype))
-
-    def quantize(self, weight):  # (out, in) float -> this module's buffers
-        q, scale = quantize_int8(weight)
-        return {"weight": q, "scale": scale.to(self.dtype)}
-
-    def forward(self, x):  # (..., in) -> (..., out)
-        rows = x.reshape(-1, self.in_features)  # (n, in)
-        if len(rows) > 32:
-            # converted 4M weights at a time: a block under glibc's 32 MB mmap threshold reuses
-            # freed memory, where a whole 9216 x 2304 matrix would fault in fresh pages each call
-            blocks = self.weight.split(max(1, 2**22 // self.in_features))
-            products = [F.linear(rows, block.to(x.dtype)) for block in blocks]  # (n, block) each
-            y = torch.cat(products, dim=-1) * self.scale  # (n, out)
-        else:
-            y = torch._weight_int8pack_mm(rows, self.weight, self.scale)  # (n, out)
-        return y.view(*x.shape[:-1], self.out_features)
-
-
-class Int4Linear(nn.Module):
-    """A decoder Linear with 4-bit weights in groups of INT4_GROUP inputs, each group with its
-    scale and offset: y = x @ (q * scale + low).T, by torch._weight_int4pack_mm_for_cpu. The kernel
-    computes (q - 8) * scale + zero, so zero = low + 8 * scale is stored beside the scale."""
-
-    def __init__(self, in_features, out_features, dtype):
-        super().__init__()
-        self.in_features = in_features
-        self.out_features = out_features
-        self.dtype = dtype
-        packed_shape = (out_features, in_features // 2)  # two weights a byte
-        groups = in_features // INT4_GROUP
-        self.register_buffer("weight", torch.empty(packed_shape, dtype=torch.uint8))
-        self.register_buffer("scale_and_zero", torch.empty(groups, out_features, 2, dtype=dtype))
-
-    def quantize(self, weight):
-        q, scale, low = quantize_int4(weight, INT4_GROUP)
-        zero = low + 8 * scale
-        scale_and_zero = torch.stack([scale, zero], dim=-1)  # (out, groups, 2)
-        scale_and_zero = scale_and_zero.transpose(0, 1).contiguous()  # (groups, out, 2)
-        return {"weight": pack_int4(q), "scale_and_zero": scale_and_zero.to(self.dtype)}
-
-    def forward(self, x):  # (..., in) -> (..., out)
-        rows = x.reshape(-1, self.in_features)  # (n, in)
-        y = torch._weight_int4pack_mm_for_cpu(rows, self.weight, INT4_GROUP,
-                                              self.scale_and_zero)  # (n, out)
-        return y.view(*x.shape[:-1], self.out_features)
-
-
-def int4_fits(linear):
-    """The int4 kernel's shape rules: in-features a multiple of the group, out-features of 16."""
-    return linear.in_features % INT4_GROUP == 0 and linear.out_features % 16 == 0
-
-
-def quantize_linears(model, quantize, dtype):
-    """Replace every decoder Linear of `model` (on the meta device) by an Int8Linear or Int4Linear
-    -> ({weight name: the new module}, a one-line summary for --verbose). int4 falls back to int8
-    for a matrix whose shape its kernel cannot take."""
-    quantized = {}
-    fallbacks = 0
-    for name, module in list(model.named_modules()):
-        if not isinstance(module, Linear):
-            continue
-        kind = Int8Linear
-        if quantize == "int4" and int4_fits(module):
-            kind = Int4Linear
-        elif quantize == "int4":
-            fallbacks += 1
-        replacement = kind(module.in_features, module.out_features, dtype)
-        parent_name, _, attribute = name.rpartition(".")
-        setattr(model.get_submodule(parent_name), attribute, replacement)
-        quantized[f"{name}.weight"] = replacement
-    summary = f"{quantize}: {len(quantized)} decoder matrices quantized"
-    if quantize == "int4":
-        summary += (f", {fallbacks} of them in int8 (in-features not a multiple of {INT4_GROUP} "
-                    "or out-features of 16)")
-    return quantized, summary
-
-
-def quantize_in_blocks(module, weight):
-    """module.quantize(weight) a block of QUANTIZE_ROWS rows at a time (every scheme here is per
-    row, and the int4 layout packs blocks of 64 rows on their own) -> the module's buffers."""
-    parts = [module.quantize(rows) for rows in weight.split(QUANTIZE_ROWS)]
-    # int4 scales are (groups, out, 2): the rows are their second dimension
-    return {key: torch.cat([part[key] for part in parts], dim=1 if key == "scale_and_zero" else 0)
-            for key in parts[0]}
+    def reset_parameters(self):
+        if self.weight.device.type != "meta":
+            super().reset_parameters()
 
 
 # ------------------------------------------------------------ images and video
@@ -495,22 +367,6 @@ def choose_device_and_dtype(device=None, dtype=None):
     return device, dtype
 
 
-def skip_init(module):
-    pass
-
-
-@contextlib.contextmanager
-def no_embedding_init():
-    """nn.Embedding's random initialisation, even on the meta device, imports torch._dynamo (~2 s
-    spent for nothing, since every weight is then loaded): switched off while a model is built."""
-    original = nn.Embedding.reset_parameters
-    nn.Embedding.reset_parameters = skip_init
-    try:
-        yield
-    finally:
-        nn.Embedding.reset_parameters = original
-
-
 def tied_parameters(model):
     """{name: the name it shares its parameter with} for weights a model uses twice (a tied output
     head)."""
@@ -581,56 +437,36 @@ def read_checkpoint(folder, rename, expected, device, convert):
     return state
 
 
-def load_weights(make, folder, rename, device=None, dtype=None, quantize=None):
+def load_weights(make, folder, rename, device=None, dtype=None, prepare=None):
     """`make()` with the weights of the checkpoint in `folder`, in four steps: choose the device and
-    dtype; build the model on the meta device (no memory, no random init), its decoder Linears
-    replaced by quantized ones when `quantize` is "int8" or "int4"; read the shards with the strict
-    check of read_checkpoint, converting (or quantizing) each tensor as it is read, so a quantized
-    model never holds its full-precision weights; put the tensors in place, tying the weights the
-    model shares. model.quantization: a one-line summary for --verbose (None: not quantized)."""
+    dtype; build the model on the meta device (no memory, no random init); read the shards with the
+    strict check of read_checkpoint, converting each tensor to the dtype as it is read; put the
+    tensors in place, tying the weights the model shares. `prepare`, a tool's hook (quantize.py's
+    quantizer), is called with the meta model before the read, as prepare(model, tied, device,
+    dtype, convert): it may change the model's modules and the `tied` pairs and returns the
+    per-tensor converter to use instead of `convert`. model.quantization: a one-line summary for
+    --verbose (None: not quantized)."""
     device, dtype = choose_device_and_dtype(device, dtype)
-    if quantize not in (None, "int8", "int4"):
-        raise VLMError(f"unknown quantization {quantize!r} (use int8 or int4)")
-    if quantize and device.type != "cpu":
-        raise VLMError(f"--quantize runs on the CPU only (its kernels are not verified on "
-                       f"{device.type})")
-    with torch.device("meta"), no_embedding_init():
+    with torch.device("meta"):
         model = make()
     tied = tied_parameters(model)
     expected = {name: t.shape for name, t in model.state_dict().items() if name not in tied}
-    quantized = {}  # {weight name: its Int8Linear or Int4Linear}
     model.quantization = None
-    if quantize:
-        quantized, model.quantization = quantize_linears(model, quantize, dtype)
-    # A quantized head tied to the embedding gets its own quantized copy, made when the embedding is
-    # read; the embedding stays in the model's dtype for its lookups.
-    head_of = {}  # {embedding name: quantized head name}
-    for name in [name for name in tied if name in quantized]:
-        head_of[tied.pop(name)] = name
     # On AVX2-only CPUs, MKL's fp32 matrix-vector product (a decode step) reads a tall matrix up to
     # 2x faster stored column-major (bench/); on AVX-512 ones it gains ~3% and would triple the load
     # time (a transposing copy). The vision towers only multiply matrices, so they keep their
     # layout.
     relayout = device.type == "cpu" and dtype == torch.float32 and not fast_bf16(device)
 
-    def quantized_entries(name, tensor):  # a weight -> its quantized module's buffers, by name
-        prefix = name.removesuffix("weight")
-        buffers = quantize_in_blocks(quantized[name], tensor)
-        return {prefix + key: value for key, value in buffers.items()}
-
-    def convert(name, read):
-        if name in quantized:
-            return quantized_entries(name, read())
-        entries = {}
-        if name in head_of:  # read for itself: the embedding's pages it touches are let go after
-            entries = quantized_entries(head_of[name], read())
+    def convert(name, read):  # a tensor as read -> {name: it in the model's dtype}
         tensor = read()
         tall = tensor.dim() == 2 and tensor.shape[0] >= tensor.shape[1]
         if relayout and tall and "vision" not in name:
             tensor = tensor.t().contiguous().t()  # column-major; .to() keeps the layout
-        entries[name] = tensor.to(dtype)
-        return entries
+        return {name: tensor.to(dtype)}
 
+    if prepare is not None:
+        convert = prepare(model, tied, device, dtype, convert)
     state = read_checkpoint(folder, rename, expected, device, convert)
     for name, source in tied.items():
         state[name] = state[source]
@@ -689,6 +525,21 @@ def decode_ids(tokenizer, ids, stop):
     if ends:
         ids = ids[:ends[0]]
     return tokenizer.decode(ids, skip_special_tokens=True)
+
+
+def find_chat_template(folder, processor_config, fallback=None):
+    """The chat template in transformers' order: processor_config.json's `chat_template` (older
+    checkpoints), else chat_template.jinja, else chat_template.json's, else the `fallback` config's
+    (tokenizer_config.json, where a family reads it); None when there is none."""
+    if processor_config.get("chat_template"):
+        return processor_config["chat_template"]
+    jinja = Path(folder) / "chat_template.jinja"
+    if jinja.exists():
+        return jinja.read_text(encoding="utf-8")
+    for config in (optional_json(Path(folder) / "chat_template.json"), fallback or {}):
+        if config.get("chat_template"):
+            return config["chat_template"]
+    return None
 
 
 def render_template(template, messages, **variables):
@@ -821,371 +672,3 @@ def generate(step, logits, max_new_tokens, stop, pad_id, temperature=0.0, top_k=
             break
         logits = step(token)
     return torch.stack(new_ids, 1)
-
-
-class Streamer:
-    """Prints row 0 of the new ids as text as it comes: decode all so far, print what is new, but
-    hold back a trailing partial UTF-8 character (byte-fallback tokens) until it is whole. Records
-    token times."""
-
-    def __init__(self, decode):
-        self.decode = decode
-        self.ids = []
-        self.shown = 0  # characters printed so far
-        self.times = [time.perf_counter()]
-
-    def __call__(self, token=None):  # no token: the end, print the rest and a newline
-        if token is not None:
-            self.times.append(time.perf_counter())
-            self.ids.append(int(token[0]))
-        text = self.decode(self.ids)
-        if token is None:
-            print(text[self.shown:], flush=True)
-        elif not text.endswith("\ufffd"):
-            print(text[self.shown:], end="", flush=True)
-            self.shown = len(text)
-
-    def report(self, load_seconds):
-        times = self.times
-        n = len(times) - 1
-        rate = float("nan")
-        if n > 1:  # one over the median step after the first token: a compiling step is no step
-            steps = [later - earlier for earlier, later in zip(times[1:], times[2:])]
-            rate = 1 / statistics.median(steps)
-        prefill = times[1] - times[0]
-        print(f"load {load_seconds:.2f} s, prefill {prefill:.2f} s (to the first token), "
-              f"decode {rate:.1f} tokens/s ({n} tokens)", file=sys.stderr)
-
-
-# ------------------------------------------------------------ compiled decoding
-# generate(..., compiled=True): the decode step as one compiled program. Eager PyTorch runs a
-# SmolVLM-256M step as ~7,400 separate operations, each paying its dispatch; compiled, the small
-# ones are fused and each matrix-vector product gets the kernel timed fastest for its shape
-# (bench/RESULTS.md, issue 17). For inference: the weights are frozen into the program.
-
-COMPILE_OPTIONS = {
-    "max_autotune": True,  # time candidate kernels for each matrix product and keep the fastest
-    # the model's modules do not change between steps: checking them all costs ~0.5 ms a step
-    "guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe,
-    "autotune_num_choices_displayed": 0,  # no timing tables on stderr
-    "max_autotune_report_choices_stats": False,
-}
-
-
-def compile_step(model, name, keys, cache):
-    """The model's decode method `name` compiled, once, and kept on the model for the next runs.
-    The run's length (the cache's slots, `keys` (B, max_len)) is marked as the size that changes,
-    so one compiled program serves every prompt length; the batch size compiles anew."""
-    if keys.device.type != "cpu":
-        raise VLMError(f"--compile is verified on the CPU only, not on {keys.device.type}")
-    torch._dynamo.mark_dynamic(keys, 1)  # (B, max_len)
-    for tensor in cache.k + cache.v:
-        torch._dynamo.mark_dynamic(tensor, 2)  # (B, K, max_len, D)
-    attribute = "compiled_" + name
-    if not hasattr(model, attribute):  # compiled at its first call, after the first token
-        print("compiling the decode step at its first call: about a minute on a CPU, once in this "
-              "process", file=sys.stderr)
-        step = torch.compile(getattr(model, name), options=COMPILE_OPTIONS)
-        setattr(model, attribute, step)
-    return partial(call_frozen, getattr(model, attribute))
-
-
-def call_frozen(step, *args):
-    """Run a compiled step, compiling it first if need be with its weights frozen: constants,
-    packed once for the kernels chosen. (Freezing must be set while the step is traced, which
-    torch.compile's options do not reach.)"""
-    with torch._inductor.config.patch(freezing=True):
-        return step(*args)
-
-
-# ------------------------------------------------------------ command line
-
-# --batch: images generated together by default; measured in bench/batch.py (bench/RESULTS.md)
-BATCH_SIZE = {"cpu": 4, "cuda": 16}
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
-
-
-def cli_parser(description, default_model):
-    p = argparse.ArgumentParser(description=description)
-    p.add_argument("--model", default=default_model, help="hub repo id or local dir (%(default)s)")
-    p.add_argument("--image", action="append", default=[], help="an image file (repeat for more)")
-    p.add_argument("--prompt", default="", help="the text prompt")
-    p.add_argument("--max-new-tokens", type=int, default=100, help="at most this many (100)")
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (the default)")
-    p.add_argument("--top-k", type=int, default=None, help="sample from the k most likely tokens")
-    p.add_argument("--top-p", type=float, default=None, help="sample from the most likely mass p")
-    p.add_argument("--seed", type=int, default=None, help="seed for sampling")
-    p.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: bfloat16 "
-                   "on CUDA and on CPUs with AVX512-BF16 or AMX, else float32)")
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    p.add_argument("--quantize", choices=["int8", "int4"], default=None,
-                   help="decoder weights in int8 (per channel) or int4 (groups of 64): fewer bytes "
-                   "to read per token, on the CPU; the vision tower is left as it is")
-    p.add_argument("--compile", action="store_true", help="decode through torch.compile (SmolVLM, "
-                   "on the CPU): about a minute to compile, then about twice the tokens a second")
-    p.add_argument("--verbose", action="store_true", help="timings (load, prefill, tokens/s)")
-    p.add_argument("--progress", action="store_true", help="progress on stderr even when it is not "
-                   "a terminal")
-    p.add_argument("--batch", nargs="+", metavar="PATH", help="answer --prompt for each image of "
-                   "these files, folders and glob patterns, one JSON line each, model loaded once")
-    p.add_argument("--batch-size", type=int, default=None, help="--batch: images generated "
-                   f"together (default {BATCH_SIZE['cpu']} on a CPU, {BATCH_SIZE['cuda']} on CUDA)")
-    p.add_argument("--recursive", action="store_true", help="--batch: subfolders' images too")
-    p.add_argument("--output-jsonl", metavar="FILE", help="--batch: the lines go to FILE, "
-                   "rewritten whole (atomically) after each batch, instead of stdout")
-    p.add_argument("--resume", action="store_true", help="--batch: skip the images already in "
-                   "--output-jsonl FILE and add the others")
-    return p
-
-
-def show_status(text, terminal):
-    """A progress line on stderr: rewritten in place on a terminal (text "" clears it), else one
-    line each."""
-    if terminal:
-        print(f"\r{text}\x1b[K", end="", file=sys.stderr, flush=True)
-    elif text:
-        print(text, file=sys.stderr, flush=True)
-
-
-def count_tiles(inputs):
-    """The tiles (or frames) in a processor's output, less the all-zero ones that pad a batch row (a
-    real tile is never all zeros: pixel value 0 normalizes to -1)."""
-    total = 0
-    for name, value in inputs.items():
-        if name.startswith("pixel_values"):  # pixel_values, pixel_values_videos
-            tiles = value.flatten(0, -4).flatten(1)  # (tiles, 3 * H * W)
-            total += int(tiles.ne(0).any(1).sum())
-    return total
-
-
-@contextlib.contextmanager
-def encoding_progress(vision, inputs, shown):
-    """While a prefill runs: a forward hook on the vision tower counts the tiles (or frames) it
-    encodes and, once the prefill has taken 2 s, shows `encoding 37 tiles: 12/37` on stderr (when
-    `shown`): a PerceptionLM image is ~37 tiles, minutes on a CPU with nothing else to see."""
-    total = count_tiles(inputs)
-    start = time.perf_counter()
-    done = 0
-    terminal = sys.stderr.isatty()
-
-    def count(module, module_inputs, output):
-        nonlocal done
-        done += len(module_inputs[0])  # the tiles of this call
-        if shown and time.perf_counter() - start > 2:
-            show_status(f"encoding {total} tiles: {done}/{total}", terminal)
-            if done >= total:
-                show_status("", terminal)  # the answer or the next line starts clean
-
-    handle = vision.register_forward_hook(count)
-    try:
-        yield
-    finally:
-        handle.remove()
-
-
-def stream_answer(model, processor, inputs, args, load_seconds, vision):
-    """Generate an answer for one prompt, printing its text to stdout as it comes (timings to stderr
-    with --verbose; the encoding of many tiles with progress) -> the new ids (1, n). `vision`: the
-    model's vision tower."""
-    device = next(model.parameters()).device
-    inputs = {name: value.to(device) for name, value in inputs.items()}
-    printer = Streamer(processor.decode)
-    shown = args.progress or sys.stderr.isatty()
-    with encoding_progress(vision, inputs, shown):
-        new_ids = model.generate(**inputs, max_new_tokens=args.max_new_tokens,
-                                 temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                                 seed=args.seed, stream=printer, compiled=args.compile)
-    printer()  # the rest of the text, and a newline
-    if args.verbose:
-        printer.report(load_seconds)
-    if args.verbose and model.quantization:
-        print(model.quantization, file=sys.stderr)
-    return new_ids
-
-
-def folder_images(folder, recursive):
-    """The image files of a folder (by suffix; hidden files left out), sorted."""
-    files = folder.rglob("*") if recursive else folder.iterdir()
-    images = [path for path in files if path.is_file() and not path.name.startswith(".")
-              and path.suffix.lower() in IMAGE_SUFFIXES]
-    return sorted(images)
-
-
-def batch_paths(patterns, recursive):
-    """--batch's files, folders and glob patterns -> image paths (str) in order, each once. A
-    pattern or a folder that gives no file is an error, as is a path that does not exist."""
-    paths = []
-    for pattern in patterns:
-        path = Path(pattern)
-        if path.is_dir():
-            found = folder_images(path, recursive)
-            if not found:
-                raise VLMError(f"folder {pattern} holds no images ({' '.join(IMAGE_SUFFIXES)})")
-        elif path.exists():
-            found = [path]
-        elif glob.has_magic(pattern):
-            matches = sorted(glob.glob(pattern, recursive=True))
-            found = [Path(match) for match in matches if Path(match).is_file()]
-            if not found:
-                raise VLMError(f"pattern {pattern} matches no file")
-        else:
-            raise VLMError(f"{pattern}: no such file or folder")
-        paths += [str(found_path) for found_path in found]
-    return list(dict.fromkeys(paths))  # each image once, first place kept
-
-
-def read_jsonl(path):
-    """The lines of an earlier --output-jsonl FILE, checked: each a JSON object with an "image"."""
-    lines = Path(path).read_text(encoding="utf-8").splitlines()
-    for number, line in enumerate(lines, 1):
-        try:
-            record = json.loads(line)
-        except ValueError:
-            record = None
-        if not isinstance(record, dict) or "image" not in record:
-            raise VLMError(f"{path} line {number} is not a line --output-jsonl writes, so it "
-                           "cannot be resumed")
-    return lines
-
-
-def write_atomically(path, write):
-    """The whole file or nothing: `write(temporary)` makes a temporary file beside `path`, which is
-    then synced to disk and renamed over it."""
-    temporary = f"{path}.{os.getpid()}.tmp"
-    try:
-        write(temporary)
-        with open(temporary, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(temporary, path)
-    except OSError as e:
-        raise VLMError(f"cannot write {path} ({e.strerror or e})") from None
-    finally:
-        Path(temporary).unlink(missing_ok=True)  # there only after a failure or an interrupt
-
-
-class Batch:
-    """--batch: the images are found, and with --resume the earlier lines read, before the model
-    loads (so a bad flag or an empty folder fails at once); run() then answers them --batch-size at
-    a time, one JSON line each, in input order."""
-
-    def __init__(self, args):
-        output = args.output_jsonl
-        if args.image:
-            raise VLMError("give --image or --batch, not both")
-        if args.batch_size is not None and args.batch_size <= 0:
-            raise VLMError(f"batch-size must be positive, got {args.batch_size}")
-        if args.resume and not output:
-            raise VLMError("--resume needs --output-jsonl FILE (the lines to resume from)")
-        if output and Path(output).exists() and not args.resume:
-            raise VLMError(f"{output} exists: --resume adds the missing images to it")
-        if output and not Path(output).absolute().parent.is_dir():
-            raise VLMError(f"cannot write {output}: no such folder")
-        self.args = args
-        self.paths = batch_paths(args.batch, args.recursive)
-        self.lines = []  # the JSON lines written, with --resume an earlier run's first
-        if args.resume and Path(output).exists():
-            self.lines = read_jsonl(output)
-        answered = {json.loads(line)["image"] for line in self.lines}
-        self.todo = [path for path in self.paths if path not in answered]
-        self.shown = args.progress or sys.stderr.isatty()
-
-    def run(self, model, decode, make_inputs, vision, describe=None):
-        """Answer every image still to do. `make_inputs(images)`: the processor's inputs for a list
-        of PIL images (one prompt each); `decode(ids)`: text; `vision`: the vision tower (for the
-        tiles' progress); `describe(text, image)`: more fields for a line (PaliGemma's objects).
-        Failed images carry an "error" and make the run an error at the end."""
-        device = next(model.parameters()).device
-        size = self.args.batch_size or BATCH_SIZE.get(device.type, BATCH_SIZE["cpu"])
-        terminal = sys.stderr.isatty()
-        start = time.perf_counter()
-        total = len(self.todo)
-        try:
-            for first in range(0, total, size):
-                paths = self.todo[first:first + size]
-                records = self.answer(paths, model, decode, make_inputs, vision, describe)
-                self.write([json.dumps(record) for record in records])
-                if self.shown:
-                    show_status(progress_text(first + len(paths), total, start), terminal)
-        except KeyboardInterrupt:
-            raise VLMError("interrupted: the lines written so far are kept (--resume goes "
-                           "on)") from None
-        if self.shown and terminal:
-            print(file=sys.stderr)  # keep the last progress line
-        failed = sum("error" in json.loads(line) for line in self.lines)
-        if failed:
-            raise VLMError(f"{failed} of {len(self.paths)} images failed (their lines say why)")
-
-    def answer(self, paths, model, decode, make_inputs, vision, describe):
-        """One batch -> its records in order; an image that cannot be read gets its error."""
-        records = {}
-        images = {}
-        for path in paths:
-            try:
-                images[path] = open_image(path)
-            except VLMError as e:
-                records[path] = {"image": path, "prompt": self.args.prompt, "error": first_line(e)}
-        try:
-            records.update(self.generate(images, model, decode, make_inputs, vision, describe))
-        except VLMError as e:  # rare (one image too long for the context): the batch fails
-            for path in images:
-                records[path] = {"image": path, "prompt": self.args.prompt, "error": first_line(e)}
-        return [records[path] for path in paths]
-
-    def generate(self, images, model, decode, make_inputs, vision, describe):
-        """{path: image} -> {path: record}, the images generated as one left-padded batch."""
-        if not images:
-            return {}
-        args = self.args
-        device = next(model.parameters()).device
-        start = time.perf_counter()
-        inputs = make_inputs(list(images.values()))
-        inputs = {name: value.to(device) for name, value in inputs.items()}
-        with encoding_progress(vision, inputs, self.shown):
-            new_ids = model.generate(**inputs, max_new_tokens=args.max_new_tokens,
-                                     temperature=args.temperature, top_k=args.top_k,
-                                     top_p=args.top_p, seed=args.seed, compiled=args.compile)
-        seconds = (time.perf_counter() - start) / len(images)  # each image's share of the batch
-        records = {}
-        for (path, image), ids in zip(images.items(), new_ids.tolist()):
-            text = decode(ids)
-            ends = [position for position, token in enumerate(ids) if token in model.stop]
-            n_tokens = len(ids)
-            if ends:
-                n_tokens = ends[0] + 1  # up to its end token; the rest is the batch's padding
-            records[path] = {"image": path, "prompt": args.prompt, "text": text,
-                             "tokens": n_tokens, "seconds": round(seconds, 3)}
-            if describe is not None:
-                records[path].update(describe(text, image))
-        return records
-
-    def write(self, lines):
-        """A batch's lines: to stdout, or added to --output-jsonl FILE, which is rewritten whole."""
-        self.lines += lines
-        if not self.args.output_jsonl:
-            print("\n".join(lines), flush=True)
-            return
-        text = "".join(line + "\n" for line in self.lines)
-
-        def write_text(temporary):
-            Path(temporary).write_text(text, encoding="utf-8")
-
-        write_atomically(self.args.output_jsonl, write_text)
-
-
-def progress_text(done, total, start):
-    """`8/16 images, 0.52 images/s, 0:15 left`"""
-    rate = done / (time.perf_counter() - start)
-    minutes, seconds = divmod(round((total - done) / rate), 60)
-    return f"{done}/{total} images, {rate:.2f} images/s, {minutes}:{seconds:02d} left"
-
-
-def run_cli(main):
-    """Our errors become `error: <one line>` and exit code 1; any other exception is a bug and keeps
-    its traceback. PIL's warning about a big image (89-179 megapixels) is silenced: such an image is
-    read (as transformers reads it), a bigger one refused, and either way stderr holds at most our
-    one line."""
-    warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-    try:
-        main()
-    except VLMError as e:
-        sys.exit(f"error: {e}")  # printed to stderr, exit code 1

@@ -33,7 +33,8 @@ from torch.utils.checkpoint import checkpoint
 import paligemma
 import perception_lm
 import smolvlm
-from common import (Linear, VLMError, checkpoint_files, open_image, read_json, resolve, run_cli,
+from command_line import run_cli
+from common import (Linear, VLMError, checkpoint_files, open_image, read_json, resolve,
                     tied_parameters)
 
 # ------------------------------------------------------------ the families

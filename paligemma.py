@@ -27,11 +27,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 
-from common import (Batch, KVCache, Linear, VLMError, apply_rope, attend, check_args, check_context,
-                    cli_parser, decode_ids, download, from_dict, generate, image_tensor,
-                    left_pad, load_weights, next_token_loss, normalize, open_image, open_tokenizer,
+from common import (Embedding, KVCache, Linear, VLMError, apply_rope, attend, check_context,
+                    decode_ids, download, from_dict, generate, image_tensor, left_pad,
+                    load_weights, next_token_loss, normalize, open_image, open_tokenizer,
                     optional_json, read_json, resize, resolve, rope_cos_sin, rope_inv_freq,
-                    rope_theta, run_cli, stop_ids, stream_answer, token_text, write_atomically)
+                    rope_theta, stop_ids, token_text)
 
 DEFAULT_MODEL = "google/paligemma2-3b-mix-224"
 
@@ -114,7 +114,7 @@ class SiglipEmbeddings(nn.Module):
         super().__init__()
         self.patch_embedding = nn.Conv2d(3, c.hidden_size, c.patch_size, stride=c.patch_size)
         n_patches = (c.image_size // c.patch_size) ** 2
-        self.position_embedding = nn.Embedding(n_patches, c.hidden_size)
+        self.position_embedding = Embedding(n_patches, c.hidden_size)
 
     def forward(self, pixels):  # (N, 3, S, S), S = image size
         pixels = pixels.to(self.patch_embedding.weight.dtype)
@@ -320,7 +320,7 @@ class Gemma(nn.Module):
     def __init__(self, c):
         super().__init__()
         self.c = c
-        self.embed_tokens = nn.Embedding(c.vocab_size, c.hidden_size)
+        self.embed_tokens = Embedding(c.vocab_size, c.hidden_size)
         self.layers = nn.ModuleList(GemmaLayer(i, c) for i in range(c.num_hidden_layers))
         self.norm = GemmaRMSNorm(c.hidden_size, c.rms_norm_eps)
         self.register_buffer("inv_freq", rope_inv_freq(c.head_dim, c.rope_theta), persistent=False)
@@ -436,13 +436,10 @@ class PaliGemma(nn.Module):
     @torch.inference_mode()
     def generate(self, input_ids, pixel_values=None, attention_mask=None, token_type_ids=None,
                  max_new_tokens=100, temperature=0.0, top_k=None, top_p=None, seed=None,
-                 stream=None, compiled=False):
-        """Prefill once, then decode with the KV cache. Returns only the new ids (B, n).
-        compiled=True (SmolVLM's compiled decoding) is not written for this model yet."""
+                 stream=None):
+        """Prefill once, then decode with the KV cache. Returns only the new ids (B, n)."""
         B, T = input_ids.shape
         t = self.cfg.text
-        if compiled:
-            raise VLMError("--compile is SmolVLM's for now; decode without it")
         check_context(T, max_new_tokens, t.max_position_embeddings)
         total = T + max_new_tokens
         device = input_ids.device
@@ -564,10 +561,14 @@ def hub_name(key):
 
 def load(model=DEFAULT_MODEL, device=None, dtype=None, quantize=None):
     """Load a PaliGemma checkpoint (hub repo id or local directory) -> (model, processor).
-    quantize: None, "int8" or "int4" decoder weights (common.load_weights)."""
+    quantize: None, "int8" or "int4" decoder weights (quantize.py)."""
     folder = resolve(model)
     cfg = Config.from_folder(folder)
-    m = load_weights(partial(PaliGemma, cfg), folder, hub_name, device, dtype, quantize)
+    prepare = None
+    if quantize:  # a tool, imported only for this option
+        from quantize import quantizer
+        prepare = quantizer(quantize)
+    m = load_weights(partial(PaliGemma, cfg), folder, hub_name, device, dtype, prepare)
     processor = Processor(folder)
     m.stop = stop_ids(folder, processor.tokenizer.token_to_id(processor.eos))
     m.pad_id = processor.pad_id
@@ -810,6 +811,7 @@ def write_detections(text, image, output=None, as_json=False, decoder=None):
         if not objects:
             print(f"the answer holds no object: {output} is the image unchanged", file=sys.stderr)
         picture = draw(image, objects, masks)
+        from batch_runner import write_atomically
         write_atomically(output, partial(picture.save, format="PNG"))  # never a half-written PNG
     if as_json:
         print(json.dumps({"text": text, "objects": json_objects(objects, masks)}))
@@ -828,17 +830,21 @@ def json_objects(objects, masks):
 # ------------------------------------------------------------ command line
 
 def main(argv=None):
+    from command_line import check_flags, cli_parser, stream_answer
     p = cli_parser("Caption, answer questions about, detect or segment images with PaliGemma 1/2. "
                    "Prompts are task prefixes such as 'caption en', 'answer en <question>', "
                    "'detect cat', 'ocr'.", DEFAULT_MODEL)
     add_task_args(p)
     args = p.parse_args(argv)
-    check_args(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.prompt)
+    check_flags(args)
+    if args.compile:
+        raise VLMError("--compile is SmolVLM's for now; decode without it")
     batch = None
     if args.batch:
         if args.output or args.json:
             raise VLMError("--output and --json are for one --image; --batch lines carry the "
                            "objects")
+        from batch_runner import Batch
         batch = Batch(args)  # the images are found before the slow load
     elif not args.image:
         raise VLMError("PaliGemma needs an image: pass --image FILE (or --batch PATH...)")
@@ -878,4 +884,5 @@ def batch_main(batch, model, processor, decoder):
 
 
 if __name__ == "__main__":
+    from command_line import run_cli
     run_cli(main)

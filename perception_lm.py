@@ -29,12 +29,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import (Batch, KVCache, Linear, VLMError, append_answers, apply_rope, attend,
-                    check_args, check_context, cli_parser, decode_ids, from_dict, generate,
+from common import (Embedding, KVCache, Linear, VLMError, append_answers, apply_rope, attend,
+                    check_context, decode_ids, find_chat_template, from_dict, generate,
                     image_tensor, left_pad, load_weights, make_mask, next_token_loss, normalize,
                     open_image, open_tokenizer, optional_json, read_json, read_video,
                     render_template, resize, resolve, rope_cos_sin, rope_inv_freq, rope_theta,
-                    run_cli, split_answer, stop_ids, stream_answer, token_text)
+                    split_answer, stop_ids, token_text)
 
 DEFAULT_MODEL = "facebook/Perception-LM-1B"
 
@@ -411,7 +411,7 @@ class LlamaLayer(nn.Module):
 class Llama(nn.Module):
     def __init__(self, c):
         super().__init__()
-        self.embed_tokens = nn.Embedding(c.vocab_size, c.hidden_size)
+        self.embed_tokens = Embedding(c.vocab_size, c.hidden_size)
         self.layers = nn.ModuleList(LlamaLayer(i, c) for i in range(c.num_hidden_layers))
         self.norm = LlamaRMSNorm(c.hidden_size, c.rms_norm_eps)
         self.register_buffer("inv_freq", llama3_inv_freq(c), persistent=False)
@@ -497,13 +497,10 @@ class PerceptionLM(nn.Module):
     @torch.inference_mode()
     def generate(self, input_ids, pixel_values=None, pixel_values_videos=None, attention_mask=None,
                  max_new_tokens=100, temperature=0.0, top_k=None, top_p=None, seed=None,
-                 stream=None, compiled=False):
-        """Prefill once, then decode with the KV cache. Returns only the new ids (B, n).
-        compiled=True (SmolVLM's compiled decoding) is not written for this model yet."""
+                 stream=None):
+        """Prefill once, then decode with the KV cache. Returns only the new ids (B, n)."""
         B, T = input_ids.shape
         text = self.cfg.text
-        if compiled:
-            raise VLMError("--compile is SmolVLM's for now; decode without it")
         check_context(T, max_new_tokens, text.max_position_embeddings,
                       hint=" (--max-tiles N makes images shorter)")
         total = T + max_new_tokens
@@ -588,18 +585,6 @@ def stack_pixels(items):
     return torch.cat(items)
 
 
-def read_chat_template(folder, *configs):
-    """chat_template.jinja, else the `chat_template` of chat_template.json or of a config (older
-    checkpoints keep it there), else None."""
-    jinja = folder / "chat_template.jinja"
-    if jinja.exists():
-        return jinja.read_text(encoding="utf-8")
-    for config in (optional_json(folder / "chat_template.json"), *configs):
-        if config.get("chat_template"):
-            return config["chat_template"]
-    return None
-
-
 class Processor:
     """Images, videos and text -> model inputs, exactly as transformers' PerceptionLMProcessor
     (torchvision backend), with two differences: images with different tile counts can share a batch
@@ -622,7 +607,7 @@ class Processor:
         self.stop = [self.tokenizer.token_to_id(eos)]  # load() adds the checkpoint's other end ids
         self.image_token = self.tokenizer.id_to_token(cfg.image_token_id)
         self.video_token = self.tokenizer.id_to_token(cfg.video_token_id)
-        self.chat_template = read_chat_template(folder, processor_config, tokenizer_config)
+        self.chat_template = find_chat_template(folder, processor_config, tokenizer_config)
         # images: a thumbnail and up to max_num_tiles tiles ("thumb+tile"), or the thumbnail alone
         self.tile = image_config.get("tile_size", 448)
         self.max_num_tiles = image_config.get("max_num_tiles", 36)
@@ -798,12 +783,16 @@ def hub_name(key, tied):
 
 def load(model=DEFAULT_MODEL, device=None, dtype=None, quantize=None):
     """Load a PerceptionLM checkpoint (hub repo id or local directory) -> (model, processor).
-    quantize: None, "int8" or "int4" decoder weights (common.load_weights)."""
+    quantize: None, "int8" or "int4" decoder weights (quantize.py)."""
     folder = resolve(model)
     cfg = Config.from_folder(folder)
     rename = partial(hub_name, tied=cfg.tie_word_embeddings)
+    prepare = None
+    if quantize:  # a tool, imported only for this option
+        from quantize import quantizer
+        prepare = quantizer(quantize)
     perception_lm = load_weights(partial(PerceptionLM, cfg), folder, rename, device, dtype,
-                                 quantize)
+                                 prepare)
     processor = Processor(folder, cfg)
     processor.stop = stop_ids(folder, *processor.stop)
     perception_lm.stop = processor.stop
@@ -814,6 +803,7 @@ def load(model=DEFAULT_MODEL, device=None, dtype=None, quantize=None):
 # ------------------------------------------------------------ command line
 
 def main(argv=None):
+    from command_line import check_flags, cli_parser, stream_answer
     parser = cli_parser("Describe images and videos, or answer questions about them, with "
                         "PerceptionLM 1B/3B/8B.", DEFAULT_MODEL)
     parser.add_argument("--video", default=None,
@@ -829,7 +819,9 @@ def main(argv=None):
                         help="pass --prompt as is (with <|image|> / <|video|> placeholders), not "
                         "wrapped in the chat template")
     args = parser.parse_args(argv)
-    check_args(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.prompt)
+    check_flags(args)
+    if args.compile:
+        raise VLMError("--compile is SmolVLM's for now; decode without it")
     for flag, value in (("num-frames", args.num_frames), ("max-tiles", args.max_tiles)):
         if value is not None and value <= 0:
             raise VLMError(f"{flag} must be positive, got {value}")
@@ -837,6 +829,7 @@ def main(argv=None):
     if args.batch:
         if args.video:
             raise VLMError("--batch answers images: give --video without it")
+        from batch_runner import Batch
         batch = Batch(args)  # the images are found before the slow load
     # fail on a bad image or video before the slow load
     images = [open_image(path) for path in args.image]
@@ -904,4 +897,5 @@ def batch_main(batch, model, processor, on_cpu):
 
 
 if __name__ == "__main__":
+    from command_line import run_cli
     run_cli(main)

@@ -27,11 +27,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from common import (
-    Batch, KVCache, Linear, VLMError, append_answers, apply_rope, attend, check_args, check_context,
-    cli_parser, compile_step, decode_ids, from_dict, generate, image_tensor, left_pad, load_weights,
-    make_mask, next_token_loss, normalize, open_image, open_tokenizer, optional_json, read_json,
-    read_video, render_template, resize, resolve, rope_cos_sin, rope_inv_freq, rope_theta, run_cli,
-    split_answer, stop_ids, stream_answer, token_text,
+    Embedding, KVCache, Linear, VLMError, append_answers, apply_rope, attend, check_args,
+    check_context, decode_ids, find_chat_template, from_dict, generate, image_tensor, left_pad,
+    load_weights, make_mask, next_token_loss, normalize, open_image, open_tokenizer, optional_json,
+    read_json, read_video, render_template, resize, resolve, rope_cos_sin, rope_inv_freq,
+    rope_theta, split_answer, stop_ids, token_text,
 )
 
 # 256M parameters: fine on a laptop CPU
@@ -110,7 +110,7 @@ class VisionEmbeddings(nn.Module):
         super().__init__()
         self.grid_side = c.image_size // c.patch_size  # n: trained positions per side
         self.patch_embedding = nn.Conv2d(3, c.hidden_size, c.patch_size, stride=c.patch_size)
-        self.position_embedding = nn.Embedding(self.grid_side ** 2, c.hidden_size)
+        self.position_embedding = Embedding(self.grid_side ** 2, c.hidden_size)
 
     def forward(self, pixels, patch_mask):
         """pixels (N, 3, H, W), patch_mask (N, h, w) bool, True on real patches -> (N, h*w, D)."""
@@ -309,7 +309,7 @@ class Llama(nn.Module):
 
     def __init__(self, c):
         super().__init__()
-        self.embed_tokens = nn.Embedding(c.vocab_size, c.hidden_size)
+        self.embed_tokens = Embedding(c.vocab_size, c.hidden_size)
         self.layers = nn.ModuleList(LlamaLayer(i, c) for i in range(c.num_hidden_layers))
         self.norm = LlamaRMSNorm(c.hidden_size, c.rms_norm_eps)
         self.register_buffer("inv_freq", rope_inv_freq(c.head_dim, c.rope_theta), persistent=False)
@@ -408,7 +408,7 @@ class SmolVLM(nn.Module):
         """The decode step that generate(..., compiled=True) compiles: token (B, 1) at `positions`
         (B, 1) -> fp32 logits (B, 1, V). Its key and value go to slot cache.slot (1,), and it
         attends to the filled slots of the real tokens `keys` (B, max_len) of the whole run. The
-        cache's length is the one size that changes from run to run (common.compile_step)."""
+        cache's length is the one size that changes from run to run (compiled.compile_step)."""
         filled = torch.arange(keys.shape[1], device=keys.device) <= cache.slot  # (max_len,)
         mask = (keys & filled)[:, None, None]  # (B, 1, 1, max_len)
         x = self.model.text_model.embed_tokens(token)  # (B, 1, C)
@@ -421,7 +421,7 @@ class SmolVLM(nn.Module):
                  max_new_tokens=100, temperature=0.0, top_k=None, top_p=None, seed=None,
                  stream=None, compiled=False):
         """Prefill once (the images are encoded here only), then decode with the KV cache.
-        compiled=True: decode through torch.compile (common.compile_step: about a minute the first
+        compiled=True: decode through torch.compile (compiled.py: about a minute the first
         time in a process, then about twice the tokens a second on a CPU; bench/RESULTS.md).
         Returns the new ids (B, n)."""
         check_args(max_new_tokens, temperature, top_k, top_p)  # before the prefill's work
@@ -438,7 +438,8 @@ class SmolVLM(nn.Module):
             keys[:, :T] = attention_mask
         last_position = keys[:, :T].sum(-1, keepdim=True) - 1  # (B, 1): of the last prompt token
         decode = None
-        if compiled:  # checked before the prefill's work
+        if compiled:  # checked before the prefill's work; a tool, imported only for this option
+            from compiled import compile_step
             decode = compile_step(self, "decode_step", keys, cache)
         logits = self(input_ids, keys[:, :T], pixel_values, pixel_attention_mask, cache=cache,
                       last_only=True)
@@ -575,7 +576,7 @@ class Processor:
         self.split = image_config.get("do_image_splitting", True)
         self.mode = RESAMPLE[image_config.get("resample", 1)]
         self.video = self.video_settings(folder, cfg, processor_config, image_config)
-        self.chat_template = self.find_chat_template(folder, processor_config)
+        self.chat_template = find_chat_template(folder, processor_config)
 
         self.pad_id = self.tokenizer.token_to_id(named.get("pad_token", "<|im_end|>"))
         end_of_utterance = named.get("end_of_utterance_token", "<end_of_utterance>")
@@ -605,18 +606,6 @@ class Processor:
         mode = RESAMPLE[video_config.get("resample", 1)]
         return dict(fps=sampling["fps"], max_frames=sampling["max_frames"],
                     edge=size["longest_edge"], tile=tile, mode=mode)
-
-    @staticmethod
-    def find_chat_template(folder, processor_config):
-        """From processor_config.json, else chat_template.json, else chat_template.jinja; else
-        None."""
-        if processor_config.get("chat_template") is not None:
-            return processor_config["chat_template"]
-        if (folder / "chat_template.json").exists():
-            return read_json(folder / "chat_template.json")["chat_template"]
-        if (folder / "chat_template.jinja").exists():
-            return (folder / "chat_template.jinja").read_text(encoding="utf-8")
-        return None
 
     # --- images
 
@@ -880,11 +869,15 @@ def hub_name(key):
 
 def load(model=DEFAULT_MODEL, device=None, dtype=None, quantize=None):
     """A SmolVLM or SmolVLM2 checkpoint (hub repo id or local directory) -> (model, processor).
-    quantize: None, "int8" or "int4" decoder weights (common.load_weights)."""
+    quantize: None, "int8" or "int4" decoder weights (quantize.py)."""
     folder = resolve(model)
     cfg = Config.from_folder(folder)
     processor = Processor(folder, cfg)
-    smolvlm = load_weights(partial(SmolVLM, cfg), folder, hub_name, device, dtype, quantize)
+    prepare = None
+    if quantize:  # a tool, imported only for this option
+        from quantize import quantizer
+        prepare = quantizer(quantize)
+    smolvlm = load_weights(partial(SmolVLM, cfg), folder, hub_name, device, dtype, prepare)
     # the processor's end tokens with config.json's and generation_config.json's
     stop = stop_ids(folder, *processor.stop)
     processor.stop = stop
@@ -912,6 +905,7 @@ def cli_prompt(processor, args, n_images):
 
 
 def main(argv=None):
+    from command_line import check_flags, cli_parser, stream_answer
     parser = cli_parser("Describe images and videos, or answer questions about them, with "
                         "SmolVLM / SmolVLM2.", DEFAULT_MODEL)
     parser.add_argument("--video", help="a video file (SmolVLM2), decoded with PyAV")
@@ -921,13 +915,14 @@ def main(argv=None):
                         help="pass --prompt as is, not wrapped in the chat template (an <image> "
                              "per image is put first if it has none)")
     args = parser.parse_args(argv)
-    check_args(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.prompt)
+    check_flags(args)
     if args.num_frames is not None and args.num_frames <= 0:
         raise VLMError(f"num-frames must be positive, got {args.num_frames}")
     batch = None
     if args.batch:
         if args.video:
             raise VLMError("--batch answers images: give --video without it")
+        from batch_runner import Batch
         batch = Batch(args)  # the images are found before the slow load
     images = [open_image(path) for path in args.image]  # fail on a bad image before the slow load
     folder = resolve(args.model)
@@ -954,4 +949,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    from command_line import run_cli
     run_cli(main)

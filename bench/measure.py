@@ -101,9 +101,9 @@ def decode_bytes(model):
     in buffers, its head always its own. The KV cache of a short prompt adds < 1% and is left
     out."""
     text = {id(p): p for n, p in model.named_parameters() if not n.startswith(VISION_PREFIXES)}
-    import common
+    import quantize
     quantized = {id(b): b for m in model.modules()
-                 if isinstance(m, (common.Int8Linear, common.Int4Linear)) for b in m.buffers()}
+                 if isinstance(m, (quantize.Int8Linear, quantize.Int4Linear)) for b in m.buffers()}
     text.update(quantized)
     tables = {id(m.weight): m.weight for n, m in model.named_modules()
               if isinstance(m, torch.nn.Embedding) and not n.startswith(VISION_PREFIXES)}

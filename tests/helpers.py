@@ -25,11 +25,11 @@ def one_thread():
 
 
 def cli_in_process(module, *args):
-    """A model file's main() with the CLI's error handling (common.run_cli), in this process: no
-    Python start per case. Warnings go to stderr under Python's default filters, as in
+    """A model file's main() with the CLI's error handling (command_line.run_cli), in this process:
+    no Python start per case. Warnings go to stderr under Python's default filters, as in
     `python <file>.py` (pytest would record them instead). -> CompletedProcess with the exit code
     and the text written to stdout and stderr."""
-    import common
+    import command_line
     out, err = io.StringIO(), io.StringIO()
     with (contextlib.redirect_stdout(out), contextlib.redirect_stderr(err),
           warnings.catch_warnings()):
@@ -40,7 +40,7 @@ def cli_in_process(module, *args):
         warnings.showwarning = lambda message, category, filename, lineno, file=None, line=None: \
             sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line))
         try:
-            common.run_cli(lambda: module.main([str(a) for a in args]))
+            command_line.run_cli(lambda: module.main([str(a) for a in args]))
             code = 0
         except SystemExit as e:  # as Python does: a message goes to stderr with exit code 1
             code = (e.code if e.code is None or isinstance(e.code, int)

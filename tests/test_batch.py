@@ -1,4 +1,4 @@
-"""--batch in the three CLIs (common.Batch): a folder of fixture images (valid ones of different
+"""--batch in the three CLIs (batch_runner.py): a folder of fixture images (valid ones of different
 sizes, a truncated PNG, a text file named .jpg) answered --batch-size at a time, one JSON line each;
 the lines equal the one-image CLI's answers; --output-jsonl and --resume after a killed run; the
 progress lines (stderr only), the tiles' encoding line and PerceptionLM's note on many tiles."""
@@ -14,6 +14,8 @@ import pytest
 import torch
 from PIL import Image
 
+import batch_runner  # noqa: F401
+import command_line
 import common
 import paligemma
 import paligemma_fixture
@@ -217,14 +219,14 @@ def test_progress_goes_to_stderr_only(ckpt, tmp_path):
 def test_encoding_line_counts_tiles_after_two_seconds(monkeypatch, capsys):
     """A fake clock at 1.5 s a call: the first tile (1.5 s) is shown no line, the later ones are."""
     clock = iter(np.arange(0, 100, 1.5))
-    monkeypatch.setattr(common.time, "perf_counter", lambda: float(next(clock)))
+    monkeypatch.setattr(command_line.time, "perf_counter", lambda: float(next(clock)))
     vision = torch.nn.Identity()
     inputs = {"pixel_values": torch.ones(1, 3, 3, 4, 4), "pixel_attention_mask": torch.ones(3)}
-    with common.encoding_progress(vision, inputs, shown=True):
+    with command_line.encoding_progress(vision, inputs, shown=True):
         for _ in range(3):
             vision(torch.ones(1, 3, 4, 4))
     assert capsys.readouterr().err == "encoding 3 tiles: 2/3\nencoding 3 tiles: 3/3\n"
-    with common.encoding_progress(vision, inputs, shown=False):
+    with command_line.encoding_progress(vision, inputs, shown=False):
         vision(torch.ones(3, 3, 4, 4))
     assert capsys.readouterr().err == ""
     vision(torch.ones(1, 3, 4, 4))  # the hook is gone after the prefill
@@ -234,7 +236,7 @@ def test_encoding_line_counts_tiles_after_two_seconds(monkeypatch, capsys):
 def test_padding_tiles_are_not_counted():
     pixels = torch.ones(2, 3, 3, 4, 4)
     pixels[1, 2] = 0  # row 1 has two tiles, padded with a third all-zero one
-    assert common.count_tiles({"pixel_values": pixels, "pixel_values_videos": pixels[0]}) == 8
+    assert command_line.count_tiles({"pixel_values": pixels, "pixel_values_videos": pixels[0]}) == 8
 
 
 def test_perception_lm_notes_many_tiles(ckpt, tmp_path):
@@ -264,7 +266,7 @@ def test_one_image_cli_shows_the_tiles_being_encoded(ckpt, tmp_path, monkeypatch
     module, args = base_args("perception_lm", ckpt, n_tokens=3)
     quiet = cli_in_process(module, *args, "--image", image)
     clock = iter(range(10_000))
-    monkeypatch.setattr(common.time, "perf_counter", lambda: float(next(clock)))
+    monkeypatch.setattr(command_line.time, "perf_counter", lambda: float(next(clock)))
     shown = cli_in_process(module, *args, "--image", image, "--progress")
     assert shown.returncode == quiet.returncode == 0
     assert shown.stdout == quiet.stdout and quiet.stderr == ""

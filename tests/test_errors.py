@@ -1,7 +1,7 @@
 """Bad input and hostile files across paligemma.py, smolvlm.py and perception_lm.py: one clear line,
 exit code 1, nothing lost.
 
-Every case runs the real CLI (in this process through common.run_cli, which is what
+Every case runs the real CLI (in this process through command_line.run_cli, which is what
 `python <file>.py` runs; as a real process for a few, among them bytes that are not UTF-8 in argv)
 or the Python API, and asserts exit code 1, exactly one stderr line `error: ...` saying what is
 wrong, and nothing on stdout; the API raises common.VLMError with the same message. Accepted image

@@ -21,6 +21,7 @@ import torch
 import torch.nn as nn
 
 import common
+import quantize as Q  # the tool file (the name `quantize` is the option here)
 import paligemma
 import paligemma_fixture
 import perception_lm
@@ -35,7 +36,7 @@ FAMILIES = {"pg1": (paligemma, paligemma_fixture), "pg2": (paligemma, paligemma_
             "v2": (smolvlm, smolvlm_fixture), "1b": (perception_lm, perception_lm_fixture),
             "8b": (perception_lm, perception_lm_fixture)}
 VARIANTS = list(FAMILIES)
-GROUP = common.INT4_GROUP
+GROUP = Q.INT4_GROUP
 
 
 @pytest.fixture(scope="module")
@@ -83,8 +84,8 @@ def dequantized_int8(module):
 def dequantized_int4(module, weight):
     """The weight an Int4Linear multiplies by: `weight` quantized again by the same function, its
     packing checked to be the module's, then dequantized here (q * scale + low per group)."""
-    q, scale, low = common.quantize_int4(weight, GROUP)
-    assert torch.equal(common.pack_int4(q), module.weight)
+    q, scale, low = Q.quantize_int4(weight, GROUP)
+    assert torch.equal(Q.pack_int4(q), module.weight)
     scale = scale.repeat_interleave(GROUP, dim=1)  # (out, in)
     low = low.repeat_interleave(GROUP, dim=1)
     return q.float() * scale + low
@@ -108,7 +109,7 @@ def with_weights(model, quantized, weight_for):
     weight_for(quantized module, original weight). A tied head gets its own parameter: the
     embedding keeps its weights."""
     for name, module in quantized.named_modules():
-        if isinstance(module, (common.Int8Linear, common.Int4Linear)):
+        if isinstance(module, (Q.Int8Linear, Q.Int4Linear)):
             linear = model.get_submodule(name)
             new_weight = weight_for(module, linear.weight.detach())
             linear.weight = nn.Parameter(new_weight, requires_grad=False)
@@ -116,13 +117,13 @@ def with_weights(model, quantized, weight_for):
 
 
 def same_scheme(module, weight):
-    if isinstance(module, common.Int8Linear):
+    if isinstance(module, Q.Int8Linear):
         return dequantized_int8(module)
     return dequantized_int4(module, weight)
 
 
 def plain_rounding(module, weight):
-    bits = 8 if isinstance(module, common.Int8Linear) else 4
+    bits = 8 if isinstance(module, Q.Int8Linear) else 4
     return round_to_nearest(weight, bits)
 
 
@@ -135,7 +136,7 @@ def relative_error(logits, reference):
 def test_int8_is_within_half_a_step():
     weight = torch.randn(40, 96) * torch.rand(40, 1) * 3  # rows of different scales
     weight[3] = 0  # an all-zero row must not divide by zero
-    q, scale = common.quantize_int8(weight)
+    q, scale = Q.quantize_int8(weight)
     assert q.dtype == torch.int8 and int(q.abs().max()) == 127
     error = (q.float() * scale[:, None] - weight).abs()
     assert bool((error <= scale[:, None] / 2 + 1e-6).all())
@@ -145,7 +146,7 @@ def test_int8_is_within_half_a_step():
 def test_int4_is_within_half_a_step_and_the_group_ends_are_exact():
     weight = torch.randn(32, 4 * GROUP) + torch.randn(32, 4, 1).repeat_interleave(GROUP, 2).view(
         32, -1)  # groups with different offsets
-    q, scale, low = common.quantize_int4(weight, GROUP)
+    q, scale, low = Q.quantize_int4(weight, GROUP)
     assert q.dtype == torch.uint8 and int(q.max()) == 15 and int(q.min()) == 0
     step = scale.repeat_interleave(GROUP, dim=1)
     dequantized = q.float() * step + low.repeat_interleave(GROUP, dim=1)
@@ -159,7 +160,7 @@ def test_int4_packing_round_trips_through_the_kernel():
     computes (q - 8) * scale + zero), gives back every q (2,096 rows: a tail of 48 after the
     kernel's blocks of 64)."""
     q = torch.randint(0, 16, (2096, 128), dtype=torch.uint8)
-    packed = common.pack_int4(q)
+    packed = Q.pack_int4(q)
     assert packed.shape == (2096, 64) and packed.dtype == torch.uint8
     scale_and_zero = torch.zeros(128 // GROUP, 2096, 2)
     scale_and_zero[..., 0] = 1
@@ -169,7 +170,7 @@ def test_int4_packing_round_trips_through_the_kernel():
     assert torch.equal(unpacked.t(), q.float())
 
 
-@pytest.mark.parametrize("kind", [common.Int8Linear, common.Int4Linear])
+@pytest.mark.parametrize("kind", [Q.Int8Linear, Q.Int4Linear])
 @pytest.mark.parametrize("rows", [1, 3, 32, 33, 200])
 def test_linear_modules_equal_the_dequantized_product(kind, rows):
     """Both paths: the int8/int4 kernels for up to 32 rows, the int8 module's dtype matrix product
@@ -177,7 +178,7 @@ def test_linear_modules_equal_the_dequantized_product(kind, rows):
     torch.manual_seed(rows)
     weight = torch.randn(48, 2 * GROUP)
     module = kind(2 * GROUP, 48, torch.float32)
-    for key, value in common.quantize_in_blocks(module, weight).items():
+    for key, value in Q.quantize_in_blocks(module, weight).items():
         setattr(module, key, value)
     x = torch.randn(2, rows, 2 * GROUP)
     expected = x @ same_scheme(module, weight).t()
@@ -188,9 +189,9 @@ def test_linear_modules_equal_the_dequantized_product(kind, rows):
 
 def test_quantizing_a_tall_matrix_in_row_blocks_is_the_same():
     """Blocks of 1024 rows and a tail of 48 (int4 packs its own blocks of 64 rows)."""
-    weight = torch.randn(common.QUANTIZE_ROWS * 2 + 48, GROUP)
-    module = common.Int4Linear(GROUP, len(weight), torch.float32)
-    buffers = common.quantize_in_blocks(module, weight)
+    weight = torch.randn(Q.QUANTIZE_ROWS * 2 + 48, GROUP)
+    module = Q.Int4Linear(GROUP, len(weight), torch.float32)
+    buffers = Q.quantize_in_blocks(module, weight)
     whole = module.quantize(weight)
     assert all(torch.equal(buffers[key], whole[key]) for key in whole)
     assert buffers["scale_and_zero"].shape == (1, len(weight), 2)
@@ -238,7 +239,7 @@ def test_only_the_decoder_is_quantized(variant, models):
         decoder_linears = [name for name, m in reference.named_modules()
                            if isinstance(m, common.Linear)]
         swapped = [name for name, m in quantized.named_modules()
-                   if isinstance(m, (common.Int8Linear, common.Int4Linear))]
+                   if isinstance(m, (Q.Int8Linear, Q.Int4Linear))]
         assert swapped == decoder_linears and swapped
         assert not any(isinstance(m, common.Linear) for m in quantized.modules())
         # vision tower, projector, norms and the token embedding keep their fp32 weights
@@ -258,7 +259,7 @@ def test_int4_falls_back_to_int8_where_its_kernel_cannot_and_says_how_often(vari
     quantized, _ = models[variant]["int4"]
     linears = [m for m in reference.modules() if isinstance(m, common.Linear)]
     misfits = [m for m in linears if m.in_features % GROUP or m.out_features % 16]
-    n_int8 = sum(isinstance(m, common.Int8Linear) for m in quantized.modules())
+    n_int8 = sum(isinstance(m, Q.Int8Linear) for m in quantized.modules())
     assert n_int8 == len(misfits)
     assert quantized.quantization.startswith(f"int4: {len(linears)} decoder matrices quantized, "
                                              f"{len(misfits)} of them in int8")
@@ -323,7 +324,7 @@ def test_bench_counts_the_quantized_bytes(variant, models):
     for quantize in ("int8", "int4"):
         model, _ = models[variant][quantize]
         quantized = [m for m in model.modules()
-                     if isinstance(m, (common.Int8Linear, common.Int4Linear))]
+                     if isinstance(m, (Q.Int8Linear, Q.Int4Linear))]
         buffers = sum(b.numel() * b.element_size() for m in quantized for b in m.buffers())
         norms = sum(p.numel() * p.element_size() for n, p in model.named_parameters()
                     if not n.startswith(measure.VISION_PREFIXES) and "embed_tokens" not in n)
@@ -334,7 +335,7 @@ def test_int8_prompt_path_in_blocks_of_rows():
     """Above 32 rows the int8 weights are converted 4M at a time: 300 x 32768 is 3 blocks."""
     torch.manual_seed(0)
     weight = torch.randn(300, 2**15)
-    module = common.Int8Linear(2**15, 300, torch.float32)
+    module = Q.Int8Linear(2**15, 300, torch.float32)
     for key, value in module.quantize(weight).items():
         setattr(module, key, value)
     x = torch.randn(40, 2**15)

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import common
+import compiled
 import smolvlm as S
 import smolvlm_fixture
 from helpers import one_thread  # noqa: F401  (a fixture: this module runs single-threaded)
@@ -364,7 +365,7 @@ def test_compiled_decoding_equals_eager(ours, images):
     keys = torch.ones(1, T + 3, dtype=torch.bool)
     with torch.inference_mode():
         model(ids, cache=cache, last_only=True)
-        step = common.compile_step(model, "decode_step", keys, cache)
+        step = compiled.compile_step(model, "decode_step", keys, cache)
         for token in (5, 17, 40):
             cache.slot = torch.full((1,), cache.len)
             logits = step(torch.tensor([[token]]), torch.tensor([[cache.len]]), keys, cache)
