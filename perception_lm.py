@@ -14,7 +14,7 @@ preprocessing, loading, command line.
 
 Shapes: N tiles (or frames), P patches per tile, L tokens per tile ([1 +] P: the class token where
 there is one), Dv vision width, B batch, T new tokens, S keys (cached and new), H (query) heads, K
-key/value heads, D head dim, Dt text width, V vocabulary.
+key/value heads, Dh head dim, C text width, V vocabulary.
 """
 import math
 import re
@@ -182,18 +182,18 @@ class PEAttention(nn.Module):
         self.qkv = nn.Linear(dim, 3 * dim)
         self.proj = nn.Linear(dim, dim)
 
-    def rotate_patches(self, x, cos, sin):  # (N, H, L, D): RoPE on the patches, not the prefix
+    def rotate_patches(self, x, cos, sin):  # (N, H, L, Dh): RoPE on the patches, not the prefix
         prefix = x[:, :, :self.n_prefix]
         patches = rope_2d(x[:, :, self.n_prefix:], cos, sin)
         return torch.cat([prefix, patches], dim=2)
 
     def forward(self, x, cos, sin):  # (N, L, Dv) -> (N, L, Dv)
         N, L, C = x.shape
-        qkv = self.qkv(x).view(N, L, 3, self.n_heads, self.head_dim)  # (N, L, 3, H, D)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4)  # each (N, H, L, D)
+        qkv = self.qkv(x).view(N, L, 3, self.n_heads, self.head_dim)  # (N, L, 3, H, Dh)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)  # each (N, H, L, Dh)
         q = self.rotate_patches(q, cos, sin)
         k = self.rotate_patches(k, cos, sin)
-        y = attend(q, k, v)  # (N, H, L, D)
+        y = attend(q, k, v)  # (N, H, L, Dh)
         y = y.transpose(1, 2).reshape(N, L, C)  # (N, L, Dv)
         return self.proj(y)
 
@@ -283,21 +283,20 @@ class Projector(nn.Module):
         self.linear_1 = nn.Linear(vision_dim, text_dim)
         self.linear_2 = nn.Linear(text_dim, text_dim)
 
-    def forward(self, x):  # (N, P, Dv) -> (N, P / pool^2, Dt)
-        x = self.linear_1(x)  # (N, P, Dt)
+    def forward(self, x):  # (N, P, Dv) -> (N, P / pool^2, C)
+        x = self.linear_1(x)  # (N, P, C)
         x = F.gelu(x)  # exact (erf) GELU
         x = self.linear_2(x)
         if self.pool > 1:
             N, P, C = x.shape
             side = math.isqrt(P)
-            x = x.transpose(1, 2).reshape(N, C, side, side)  # (N, Dt, side, side): the patch grid
-            x = F.adaptive_avg_pool2d(x, side // self.pool)  # (N, Dt, side / pool, side / pool)
-            x = x.flatten(2).transpose(1, 2)  # (N, P / pool^2, Dt)
+            x = x.transpose(1, 2).reshape(N, C, side, side)  # (N, C, side, side): the patch grid
+            x = F.adaptive_avg_pool2d(x, side // self.pool)  # (N, C, side / pool, side / pool)
+            x = x.flatten(2).transpose(1, 2)  # (N, P / pool^2, C)
         return x
 
 
 # ------------------------------------------------------------ decoder: Llama 3
-# The Llama 3 decoder (arXiv:2407.21783); checkpoint keys `model.language_model.*`.
 
 def llama3_inv_freq(c):
     """RoPE frequencies of the text config, with Llama 3.1's frequency scaling when `rope_scaling`
@@ -333,22 +332,24 @@ def llama3_inv_freq(c):
 
 
 class LlamaRMSNorm(nn.Module):
+    """RMSNorm (arXiv:1910.07467)."""
+
     def __init__(self, dim, eps):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
 
-    def forward(self, x):  # normalise in fp32, round back, then scale (Llama's order)
-        x_fp32 = x.float()
-        mean_square = x_fp32.pow(2).mean(-1, keepdim=True)
-        normalized = x_fp32 * torch.rsqrt(mean_square + self.eps)
-        return self.weight * normalized.to(x.dtype)
+    def forward(self, x):
+        # normalise in fp32, round back to the activation dtype, then scale (Llama's order)
+        x_float = x.float()
+        mean_square = x_float.pow(2).mean(-1, keepdim=True)
+        normed = x_float * torch.rsqrt(mean_square + self.eps)
+        return self.weight * normed.to(x.dtype)
 
 
 class LlamaAttention(nn.Module):
-    """Grouped-query self-attention (GQA, arXiv:2305.13245): K key/value heads each serve H / K
-    query heads (PLM 1B: 32 query heads, 8 key/value heads). RoPE on queries and keys, then the keys
-    and values join the cache of this layer."""
+    """Grouped-query attention (arXiv:2305.13245): the K key/value heads each serve H/K query heads.
+    RoPE rotates queries and keys; while generating, the keys and values go to the KV cache."""
 
     def __init__(self, layer_index, c):
         super().__init__()
@@ -361,47 +362,45 @@ class LlamaAttention(nn.Module):
         self.v_proj = Linear(c.hidden_size, self.n_kv_heads * self.head_dim, bias=False)
         self.o_proj = Linear(self.n_heads * self.head_dim, c.hidden_size, bias=False)
 
-    def forward(self, x, cos, sin, mask, cache):  # (B, T, Dt) -> (B, T, Dt)
+    def forward(self, x, cos, sin, mask, cache=None):
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim)  # (B, T, H, D)
-        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim)  # (B, T, K, D)
-        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim)
-        q = q.transpose(1, 2)  # (B, H, T, D)
-        k = k.transpose(1, 2)  # (B, K, T, D)
-        v = v.transpose(1, 2)
+        # project, then split into heads: q (B, H, T, Dh); k and v (B, K, T, Dh)
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q = apply_rope(q, cos, sin)
         k = apply_rope(k, cos, sin)
         if cache is not None:
-            k, v = cache.update(self.layer_index, k, v)  # (B, K, S, D): every key so far
-        y = attend(q, k, v, mask)  # (B, H, T, D)
-        y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # (B, T, H * D)
-        return self.o_proj(y)
+            k, v = cache.update(self.layer_index, k, v)  # (B, K, S, Dh): every key so far
+        y = attend(q, k, v, mask)  # (B, H, T, Dh), scaled by 1/sqrt(Dh)
+        y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # (B, T, H*Dh)
+        return self.o_proj(y)  # (B, T, C)
 
 
 class LlamaMLP(nn.Module):
     """SwiGLU (arXiv:2002.05202): down(silu(gate(x)) * up(x))."""
 
-    def __init__(self, dim, hidden):
+    def __init__(self, c):
         super().__init__()
-        self.gate_proj = Linear(dim, hidden, bias=False)
-        self.up_proj = Linear(dim, hidden, bias=False)
-        self.down_proj = Linear(hidden, dim, bias=False)
+        self.gate_proj = Linear(c.hidden_size, c.intermediate_size, bias=False)
+        self.up_proj = Linear(c.hidden_size, c.intermediate_size, bias=False)
+        self.down_proj = Linear(c.intermediate_size, c.hidden_size, bias=False)
 
-    def forward(self, x):  # (B, T, Dt) -> (B, T, Dt)
-        gate = F.silu(self.gate_proj(x))  # (B, T, intermediate)
+    def forward(self, x):
+        gate = F.silu(self.gate_proj(x))  # (B, T, intermediate_size)
         up = self.up_proj(x)
-        return self.down_proj(gate * up)
+        return self.down_proj(gate * up)  # (B, T, C)
 
 
 class LlamaLayer(nn.Module):
-    """Pre-norm: attention, then the MLP, each added to the residual stream."""
+    """A pre-norm decoder block: attention and MLP, each added to the residual stream."""
 
     def __init__(self, layer_index, c):
         super().__init__()
         self.input_layernorm = LlamaRMSNorm(c.hidden_size, c.rms_norm_eps)
         self.self_attn = LlamaAttention(layer_index, c)
         self.post_attention_layernorm = LlamaRMSNorm(c.hidden_size, c.rms_norm_eps)
-        self.mlp = LlamaMLP(c.hidden_size, c.intermediate_size)
+        self.mlp = LlamaMLP(c)
 
     def forward(self, x, cos, sin, mask, cache):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
@@ -409,6 +408,8 @@ class LlamaLayer(nn.Module):
 
 
 class Llama(nn.Module):
+    """The Llama 3 decoder (arXiv:2407.21783). Checkpoint keys `model.language_model.*`."""
+
     def __init__(self, c):
         super().__init__()
         self.embed_tokens = Embedding(c.vocab_size, c.hidden_size)
@@ -416,8 +417,9 @@ class Llama(nn.Module):
         self.norm = LlamaRMSNorm(c.hidden_size, c.rms_norm_eps)
         self.register_buffer("inv_freq", llama3_inv_freq(c), persistent=False)
 
-    def forward(self, x, positions, mask, cache=None):  # x (B, T, Dt) embeddings, positions (B, T)
-        cos, sin = rope_cos_sin(self.inv_freq, positions, x.dtype)  # (B, 1, T, D) each
+    def forward(self, x, positions, mask, cache=None):
+        """x (B, T, C) embeddings, positions (B, T) -> (B, T, C) normed hidden states."""
+        cos, sin = rope_cos_sin(self.inv_freq, positions, x.dtype)  # (B, 1, T, Dh) each
         for layer in self.layers:
             x = layer(x, cos, sin, mask, cache)
         return self.norm(x)
@@ -440,7 +442,7 @@ class PerceptionLM(nn.Module):
         self.stop = []  # end token ids, set from the checkpoint by load()
         self.pad_id = 0
 
-    def visual_features(self, pixels):  # tiles or frames (..., 3, S, S) -> (N, tokens per tile, Dt)
+    def visual_features(self, pixels):  # tiles or frames (..., 3, S, S) -> (N, tokens per tile, C)
         """One tile at a time (1025 tokens: matrix products big enough to run at full speed): the
         same result, with the activations of one tile instead of 37 (or more) in memory, and faster
         on a CPU, where smaller activations reuse freed memory instead of page-faulting in fresh
@@ -453,8 +455,8 @@ class PerceptionLM(nn.Module):
 
     def insert_features(self, x, input_ids, pixels, token_id, what):
         """The features of the tiles (or frames) in order into the positions of their placeholder
-        token: x (B, T, Dt) -> (B, T, Dt)."""
-        features = self.visual_features(pixels).to(x.dtype).flatten(0, 1)  # (tokens, Dt)
+        token: x (B, T, C) -> (B, T, C)."""
+        features = self.visual_features(pixels).to(x.dtype).flatten(0, 1)  # (tokens, C)
         slots = input_ids == token_id  # (B, T)
         n_slots = int(slots.sum())
         if n_slots != len(features):
@@ -477,18 +479,18 @@ class PerceptionLM(nn.Module):
         keys = attention_mask.bool()  # (B, S): True for the real tokens
         positions = keys.long().cumsum(-1) - 1  # (B, S): 0 at each row's first real token
         positions = positions.clamp(min=0)[:, -T:]  # (B, T): the new tokens' (pads get 0)
-        x = self.language_model.embed_tokens(input_ids)  # (B, T, Dt)
+        x = self.language_model.embed_tokens(input_ids)  # (B, T, C)
         if pixel_values is not None:
             x = self.insert_features(x, input_ids, pixel_values, self.cfg.image_token_id, "image")
         if pixel_values_videos is not None:
             video_id = self.cfg.video_token_id
             x = self.insert_features(x, input_ids, pixel_values_videos, video_id, "video")
         mask = make_mask(keys, T)
-        x = self.language_model(x, positions, mask, cache)  # (B, T, Dt)
+        x = self.language_model(x, positions, mask, cache)  # (B, T, C)
         if cache is not None:
             cache.len += T
         if last_only:
-            x = x[:, -1:]  # (B, 1, Dt): generation needs the last position only
+            x = x[:, -1:]  # (B, 1, C): generation needs the last position only
         logits = self.lm_head(x)  # (B, T, V), or (B, 1, V)
         if labels is None:
             return logits
