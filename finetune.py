@@ -18,10 +18,10 @@ import argparse
 import datetime
 import json
 import math
-import os
 import random
 import shutil
 import sys
+import tempfile
 import time
 from functools import partial
 from pathlib import Path
@@ -124,8 +124,13 @@ def encode(family, processor, examples):
 
 def check_examples(family, processor, examples, context, batch_size):
     """Encode every example once, before training: a bad image or video, a prompt the processor
-    refuses, or a prompt and answer longer than the context stop here, naming the line."""
+    refuses, an answer holding the end-of-turn text (its labels would stop there), or a prompt and
+    answer longer than the context stop here, naming the line."""
+    end = processor.eos if family is paligemma else processor.end_of_turn  # what ends an answer
     for example in examples:
+        if end in example["answer"]:
+            raise VLMError(f"{example['where']}: the answer contains {end!r}, the text that ends "
+                           "an answer")
         try:
             inputs = encode(family, processor, [example])
         except VLMError as e:
@@ -290,23 +295,34 @@ def write_checkpoint(folder, state, source, dtype, shard_bytes):
 
 
 def save(model, family, source, output, shard_bytes=SHARD_BYTES):
-    """The trained model (LoRA merged) as a checkpoint in `output`, written atomically: into a
-    hidden folder beside it, renamed to `output` only once complete, so that a crash never leaves
-    a folder that looks like a checkpoint."""
+    """The trained model (LoRA merged) as a checkpoint in `output`, written atomically: into a new
+    hidden folder beside it (tempfile.mkdtemp: never a stale one), renamed to `output` only once
+    complete, so that a crash never leaves a folder that looks like a checkpoint. A complete
+    checkpoint is never deleted: when the rename fails (`output` filled meanwhile), it stays where
+    it is and the error names that folder."""
     merge_lora(model)
     rename = family.hub_name  # as the family's load() renames hub keys
     if family is perception_lm:  # whether a stored output head is read depends on the tying
         rename = partial(perception_lm.hub_name, tied=model.cfg.tie_word_embeddings)
     state = hub_state(model, rename, source)
     output = Path(output)
-    partial_folder = output.with_name(f".{output.name}.partial-{os.getpid()}")
-    partial_folder.mkdir(parents=True)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    # mkdtemp's folder is private (mode 0700); the checkpoint is a folder made inside it with the
+    # usual permissions, and it is that folder which becomes `output`
+    hidden = Path(tempfile.mkdtemp(prefix=f".{output.name}.partial-", dir=output.parent))
+    folder = hidden / output.name
     try:
-        write_checkpoint(partial_folder, state, source, next(model.parameters()).dtype,
-                         shard_bytes)
-        partial_folder.rename(output)  # (POSIX rename replaces an empty directory: see main())
-    finally:
-        shutil.rmtree(partial_folder, ignore_errors=True)
+        folder.mkdir()
+        write_checkpoint(folder, state, source, next(model.parameters()).dtype, shard_bytes)
+    except BaseException:  # a crash or an interrupt mid-write: nothing half-written is left
+        shutil.rmtree(hidden, ignore_errors=True)
+        raise
+    try:
+        folder.rename(output)  # (POSIX rename replaces an empty directory: see main())
+    except OSError as e:
+        raise VLMError(f"{output} cannot take the checkpoint now ({e.strerror or e}); it is kept "
+                       f"in {folder}") from None
+    hidden.rmdir()
 
 
 # ------------------------------------------------------------ training
@@ -366,6 +382,24 @@ def train(model, family, processor, examples, eval_examples, trainable, args):
 
 # ------------------------------------------------------------ command line
 
+def check_training_flags(args):
+    """Refuse, before the load, the settings that would do nothing or fail after it."""
+    if args.lora_rank < 0:
+        raise VLMError("--lora-rank must be positive, or 0 for no LoRA")
+    if args.lora_alpha is not None and not 0 < args.lora_alpha < math.inf:
+        raise VLMError("--lora-alpha must be a positive number")
+    if (args.lora_rank or args.lora_alpha is not None) and "decoder" not in args.train:
+        raise VLMError("--lora-rank and --lora-alpha adapt the decoder, which --train leaves out")
+    if args.lora_alpha is not None and not args.lora_rank:
+        raise VLMError("--lora-alpha scales the LoRA update: it needs --lora-rank")
+    if args.lora_alpha is None:
+        args.lora_alpha = 16.0
+    # fp16 gradients underflow to 0 without loss scaling, which this loop does not do
+    if getattr(torch, args.dtype, None) is torch.float16:
+        raise VLMError("--dtype float16 cannot train here (no loss scaling): use bfloat16 or "
+                       "float32")
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description="Fine-tune PaliGemma, SmolVLM or PerceptionLM on "
                                 "images (or videos), prompts and answers.")
@@ -381,7 +415,7 @@ def main(argv=None):
                    choices=["decoder", "projector", "vision"], help="the parts to train (decoder)")
     p.add_argument("--lora-rank", type=int, default=0, help="train the decoder through LoRA "
                    "adapters of this rank, merged into the weights when saving (0: no LoRA)")
-    p.add_argument("--lora-alpha", type=float, default=16.0, help="LoRA scale alpha / rank (16)")
+    p.add_argument("--lora-alpha", type=float, default=None, help="LoRA scale alpha / rank (16)")
     p.add_argument("--eval-data", help="held-out JSON lines: their loss every --eval-every steps")
     p.add_argument("--eval-every", type=int, default=50, help="(50)")
     p.add_argument("--seed", type=int, default=0, help="data order and LoRA initialisation (0)")
@@ -394,6 +428,7 @@ def main(argv=None):
     for flag in ("steps", "batch_size", "grad_accum", "eval_every"):
         if getattr(args, flag) <= 0:
             raise VLMError(f"--{flag.replace('_', '-')} must be positive")
+    check_training_flags(args)
     output = Path(args.output)
     if output.exists() and (not output.is_dir() or any(output.iterdir())):
         raise VLMError(f"--output {output} exists and is not an empty directory")

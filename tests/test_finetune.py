@@ -1,10 +1,14 @@
 """finetune.py on tiny hub-layout checkpoints of each family: a few dozen steps overfit a tiny
 dataset; the checkpoint it writes loads in transformers (no missing or unexpected keys) and in our
 load() with the same logits; LoRA merged equals LoRA unmerged; gradient checkpointing changes no
-number; bad data lines fail before the first step, naming the line; the save is atomic and shards.
+number and recomputes each layer; bad data lines (and an answer holding the end-of-turn text) fail
+before the first step, naming the line; flags that would do nothing fail before the load; the save
+is atomic, shards, and never deletes a finished checkpoint.
 """
 import json
+import os
 import re
+from functools import partial
 
 import numpy as np
 import pytest
@@ -114,18 +118,52 @@ def test_overfits_and_writes_a_checkpoint_both_load(name, ckpt, data, tmp_path, 
         assert (before(**inputs) - after).abs().max() > 0.1  # the weights did change
 
 
-def test_lora_gradient_checkpointing_and_all_parts(ckpt, data, tmp_path, record_property):
+def count_layer_runs(monkeypatch):
+    """finetune.prepare wrapped so that every list of layers counts, for its first layer, the calls
+    of the layer (a pre-hook on it: once per forward) and the runs of its code (a pre-hook on its
+    first part: once per forward, and once more in the backward pass when the layer is recomputed,
+    which calls the layer's own forward directly, not through its hooks). -> {layer list name:
+    {"calls": n, "runs": n}}, filled as the CLI runs (each run of main() starts it anew)."""
+    counts = {}
+    prepare = finetune.prepare
+
+    def count(name, what, module, inputs):
+        counts[name][what] += 1
+
+    def counting_prepare(model, *args):
+        trainable = prepare(model, *args)
+        counts.clear()
+        for name, layers in model.named_modules():
+            if isinstance(layers, torch.nn.ModuleList):
+                counts[name] = dict(calls=0, runs=0)
+                layers[0].register_forward_pre_hook(partial(count, name, "calls"))
+                first_part = next(layers[0].children())
+                first_part.register_forward_pre_hook(partial(count, name, "runs"))
+        return trainable
+    monkeypatch.setattr(finetune, "prepare", counting_prepare)
+    return counts
+
+
+def test_lora_gradient_checkpointing_and_all_parts(ckpt, data, tmp_path, monkeypatch,
+                                                   record_property):
     """PLM-8B-style (untied head, bf16 shards): LoRA on the decoder with the projector and vision
-    tower trained fully, with and without gradient checkpointing: the same losses (the same
-    gradients), the loss falls, and the merged checkpoint loads in both."""
+    tower trained fully, with and without gradient checkpointing: with it, each layer runs again
+    in the backward pass (recomputed), without it only in the forward; the losses are the same
+    (the same gradients), the loss falls, and the merged checkpoint loads in both."""
     family, _, _, _, hf_class = FAMILIES["perception_lm_8b"]
+    counts = count_layer_runs(monkeypatch)
     # the learning rates of the first 3 steps do not depend on --steps (warm-up)
     options = ["--lora-rank", "4", "--lr", "3e-3", "--warmup-steps", "3", "--train", "decoder",
                "projector", "vision"]
     plain = run(ckpt["perception_lm_8b"], data, tmp_path / "plain", "--steps", "3", *options)
+    assert len(counts) == 2, counts  # the vision blocks and the decoder layers
+    assert all(0 < c["runs"] == c["calls"] for c in counts.values()), counts  # no recomputation
     output = tmp_path / "out"
     r = run(ckpt["perception_lm_8b"], data, output, "--steps", "30", "--gradient-checkpointing",
             *options)
+    assert len(counts) == 2, counts
+    # every layer call runs the layer's code twice: in the forward, and again in the backward
+    assert all(0 < c["runs"] == 2 * c["calls"] for c in counts.values()), counts
     curve = losses(r.stdout)
     assert losses(plain.stdout) == curve[:3]
     record_property("loss_curve", [curve[0], curve[-1]])
@@ -172,6 +210,46 @@ def test_sharded_atomic_save(ckpt, data, tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         finetune.save(model, paligemma, ckpt["paligemma"], tmp_path / "crashed")
     assert list(tmp_path.iterdir()) == [output]  # nothing that looks like a checkpoint, no litter
+
+
+def test_a_finished_checkpoint_is_kept_when_the_rename_fails(ckpt, tmp_path, monkeypatch):
+    """The output folder filled by someone else while the checkpoint was written: the rename
+    fails, and the complete checkpoint stays where it was written, in the one folder that the
+    one-line error names; the other files are left alone."""
+    model, _ = paligemma.load(str(ckpt["paligemma"]), dtype=torch.float32)
+    output = tmp_path / "out"
+    write_checkpoint = finetune.write_checkpoint
+
+    def write_then_output_filled(*args):
+        write_checkpoint(*args)
+        output.mkdir()
+        (output / "theirs.txt").write_text("another run's")
+    monkeypatch.setattr(finetune, "write_checkpoint", write_then_output_filled)
+    with pytest.raises(finetune.VLMError) as error:
+        finetune.save(model, paligemma, ckpt["paligemma"], output)
+    message = str(error.value)
+    written = [path.parent for path in tmp_path.rglob("model.safetensors")]
+    assert len(written) == 1 and output not in written
+    kept = written[0]
+    assert "\n" not in message and f"kept in {kept}" in message and str(output) in message
+    assert kept.parent.parent == tmp_path  # beside the output, on its file system
+    assert [p.name for p in output.iterdir()] == ["theirs.txt"]
+    saved, _ = paligemma.load(str(kept), dtype=torch.float32)  # complete: the strict load reads it
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(saved.state_dict()[name], tensor), name
+
+
+def test_a_stale_partial_folder_is_neither_reused_nor_deleted(ckpt, tmp_path):
+    """A partial folder a crashed run left with this process's id (the old fixed name) does not
+    stop the save, and is not the save's to delete."""
+    model, _ = paligemma.load(str(ckpt["paligemma"]), dtype=torch.float32)
+    stale = tmp_path / f".out.partial-{os.getpid()}"
+    stale.mkdir()
+    (stale / "model.safetensors").write_bytes(b"half")
+    finetune.save(model, paligemma, ckpt["paligemma"], tmp_path / "out")
+    assert set(tmp_path.iterdir()) == {stale, tmp_path / "out"}
+    assert (stale / "model.safetensors").read_bytes() == b"half"
+    assert paligemma.load(str(tmp_path / "out"), dtype=torch.float32)
 
 
 def test_video_line_trains(tmp_path):
@@ -246,3 +324,41 @@ def test_output_must_be_new_or_empty(ckpt, data, tmp_path):
     r = cli_in_process(finetune, "--model", ckpt["smolvlm"], "--data", data, "--output",
                        tmp_path / "out")
     assert_fails(r, "exists and is not an empty directory")
+
+
+END_OF_TURN = {"paligemma": "<eos>", "smolvlm": "<end_of_utterance>",
+               "perception_lm": "<|eot_id|>"}  # the fixtures' tokenizers
+
+
+@pytest.mark.parametrize("name", ["paligemma", "smolvlm", "perception_lm"])
+def test_answer_holding_the_end_of_turn_text_is_refused(name, ckpt, tmp_path):
+    """The labels would stop at the end-of-turn text (or learn to end the answer there): the data
+    check names the line instead."""
+    Image.new("RGB", (10, 10)).save(tmp_path / "image 0.png")
+    good = {"image": "image 0.png", "prompt": "Describe.", "answer": "a cow"}
+    bad = dict(good, answer=f"a cow{END_OF_TURN[name]} and a dog")
+    (tmp_path / "train.jsonl").write_text(json.dumps(good) + "\n" + json.dumps(bad) + "\n")
+    r = cli_in_process(finetune, "--model", ckpt[name], "--data", tmp_path / "train.jsonl",
+                       "--output", tmp_path / "out", "--steps", "1")
+    assert_fails(r, f"train.jsonl line 2: the answer contains {END_OF_TURN[name]!r}")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--lora-rank", "4", "--train", "vision"], "which --train leaves out"),
+    (["--lora-alpha", "8", "--train", "projector", "vision"], "which --train leaves out"),
+    (["--lora-alpha", "8"], "--lora-alpha scales the LoRA update: it needs --lora-rank"),
+    (["--lora-rank", "-1"], "--lora-rank must be positive, or 0 for no LoRA"),
+    (["--lora-rank", "4", "--lora-alpha", "0"], "--lora-alpha must be a positive number"),
+    (["--lora-rank", "4", "--lora-alpha", "nan"], "--lora-alpha must be a positive number"),
+    (["--dtype", "float16"], "no loss scaling"),
+    (["--dtype", "half"], "no loss scaling"),
+])
+def test_flags_that_would_do_nothing_are_refused_before_the_load(flags, message, ckpt, data,
+                                                                 tmp_path, monkeypatch):
+    def load(folder, device, dtype):
+        raise AssertionError("the model was loaded")
+    monkeypatch.setattr(smolvlm, "load", load)
+    r = cli_in_process(finetune, "--model", ckpt["smolvlm"], "--data", data, "--output",
+                       tmp_path / "out", "--steps", "1", *flags)
+    assert_fails(r, message)
