@@ -16,6 +16,7 @@ import torch
 from PIL import Image
 
 import finetune
+import lora
 import paligemma
 import paligemma_fixture
 import perception_lm
@@ -183,9 +184,9 @@ def test_lora_merged_equals_unmerged(ckpt, data):
         for parameter in trainable:  # B starts at 0: give the update a value, as training would
             parameter.normal_(0, 0.05)
         unmerged = model(**inputs)
-        finetune.merge_lora(model)
+        lora.merge_lora(model)
         merged = model(**inputs)
-    assert not any(isinstance(m, finetune.LoRALinear) for m in model.modules())
+    assert not any(isinstance(m, lora.LoRALinear) for m in model.modules())
     assert (merged - unmerged).abs().max() <= 1e-5 * unmerged.abs().max()
     base = smolvlm.load(str(ckpt["smolvlm"]), dtype=torch.float32)[0]
     with torch.no_grad():
