@@ -232,6 +232,24 @@ def test_suffix_training_case(variant, ours, hf, images):
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
+def test_generate_and_forward_take_what_the_processor_returns(variant, ours, images):
+    """model(**processor(...)) and model.generate(**processor(...)) take every key the processor
+    returns, a suffix's labels included, as transformers' do. generate ignores labels: its tokens
+    are those of the same inputs without them."""
+    model, proc = ours[variant]
+    inputs = proc(text=PROMPTS, images=[[images[0]], [images[1]]],
+                  suffix=["a cow", "on the sandy beach"])
+    assert set(inputs) == {"input_ids", "token_type_ids", "attention_mask", "pixel_values",
+                           "labels"}
+    without = {k: v for k, v in inputs.items() if k != "labels"}
+    new = model.generate(**inputs, max_new_tokens=6)
+    assert new.shape[1] > 0 and torch.equal(new, model.generate(**without, max_new_tokens=6))
+    with torch.no_grad():
+        logits, loss = model(**inputs)
+        assert torch.equal(logits, model(**without)) and loss.item() > 0
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
 def test_loss_and_gradients_match_transformers(variant, ours, hf, images, record_property):
     """A left-padded batch of two training rows (prefix-LM mask, suffix labels): loss, and
     gradients through the vision tower, the projector and the decoder."""
