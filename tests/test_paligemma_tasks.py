@@ -427,3 +427,28 @@ def test_cli_bad_vae_fails_in_one_line_before_loading(case, vae, tmp_path):
     r = cli_in_process(P, "--model", tmp_path / "no-model-needed", "--image", image,
                        "--prompt", "segment cat", "--vae", path)
     assert_fails(r, message)
+
+
+@pytest.mark.parametrize("flags", [["--output", "boxes.png"], ["--json"],
+                                   ["--output", "boxes.png", "--json"]])
+def test_output_and_json_refuse_several_images_before_loading(flags, tmp_path, monkeypatch):
+    """An answer about two images has boxes that belong to neither: --output and --json with
+    several --image stop in one line before the slow load, and no PNG is written."""
+    from helpers import assert_fails, cli_in_process
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(P, "load", no_load)
+    monkeypatch.chdir(tmp_path)
+    paths = []
+    for i, colour in enumerate(["white", "black"]):
+        paths += ["--image", tmp_path / f"in{i}.png"]
+        Image.new("RGB", (20, 10), colour).save(paths[-1])
+    r = cli_in_process(P, "--model", tmp_path / "no-model-needed", *paths, "--prompt",
+                       "detect cat", *flags)
+    assert_fails(r, "--output and --json take one --image, not 2")
+    assert not (tmp_path / "boxes.png").exists()
+    parser = argparse.ArgumentParser()
+    P.add_task_args(parser)
+    assert " ".join(parser.format_help().split()).count("one --image only:") == 2
