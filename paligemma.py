@@ -435,9 +435,10 @@ class PaliGemma(nn.Module):
 
     @torch.inference_mode()
     def generate(self, input_ids, pixel_values=None, attention_mask=None, token_type_ids=None,
-                 max_new_tokens=100, temperature=0.0, top_k=None, top_p=None, seed=None,
-                 stream=None):
-        """Prefill once, then decode with the KV cache. Returns only the new ids (B, n)."""
+                 labels=None, max_new_tokens=100, temperature=0.0, top_k=None, top_p=None,
+                 seed=None, stream=None):
+        """Prefill once, then decode with the KV cache. Returns only the new ids (B, n).
+        labels (a processor's, with a suffix) are taken, as transformers does, and ignored."""
         B, T = input_ids.shape
         t = self.cfg.text
         check_context(T, max_new_tokens, t.max_position_embeddings)
@@ -784,10 +785,12 @@ def draw(image, objects, masks=None):
 
 
 def add_task_args(parser):
-    parser.add_argument("--output", help="detect/segment: draw boxes, labels, masks into this PNG")
+    parser.add_argument("--output", help="detect/segment, one --image only: draw boxes, labels, "
+                        "masks into this PNG")
     parser.add_argument("--json", action="store_true",
-                        help="detect/segment: after the text, print one JSON object: the text and "
-                        "the objects (box in pixels, mask as COCO's uncompressed RLE)")
+                        help="detect/segment, one --image only: after the text, print one JSON "
+                        "object: the text and the objects (box in pixels, mask as COCO's "
+                        "uncompressed RLE)")
     parser.add_argument("--vae", help="segment: a local vae-oid.npz (default: the copy in the Hub "
                         f"Space {VAE_REPO})")
 
@@ -840,6 +843,10 @@ def main(argv=None):
     if args.compile:
         raise VLMError("--compile is SmolVLM's for now; decode without it")
     batch = None
+    if (args.output or args.json) and len(args.image) > 1:
+        # the model reads the images together: the boxes of its one answer belong to none of them
+        raise VLMError(f"--output and --json take one --image, not {len(args.image)}: an answer "
+                       "about several images has boxes in none of them")
     if args.batch:
         if args.output or args.json:
             raise VLMError("--output and --json are for one --image; --batch lines carry the "

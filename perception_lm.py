@@ -498,9 +498,10 @@ class PerceptionLM(nn.Module):
 
     @torch.inference_mode()
     def generate(self, input_ids, pixel_values=None, pixel_values_videos=None, attention_mask=None,
-                 max_new_tokens=100, temperature=0.0, top_k=None, top_p=None, seed=None,
-                 stream=None):
-        """Prefill once, then decode with the KV cache. Returns only the new ids (B, n)."""
+                 labels=None, max_new_tokens=100, temperature=0.0, top_k=None, top_p=None,
+                 seed=None, stream=None):
+        """Prefill once, then decode with the KV cache. Returns only the new ids (B, n).
+        labels (a processor's, with a suffix) are taken, as transformers does, and ignored."""
         B, T = input_ids.shape
         text = self.cfg.text
         check_context(T, max_new_tokens, text.max_position_embeddings,

@@ -418,12 +418,12 @@ class SmolVLM(nn.Module):
 
     @torch.inference_mode()
     def generate(self, input_ids, attention_mask=None, pixel_values=None, pixel_attention_mask=None,
-                 max_new_tokens=100, temperature=0.0, top_k=None, top_p=None, seed=None,
-                 stream=None, compiled=False):
+                 labels=None, max_new_tokens=100, temperature=0.0, top_k=None, top_p=None,
+                 seed=None, stream=None, compiled=False):
         """Prefill once (the images are encoded here only), then decode with the KV cache.
         compiled=True: decode through torch.compile (compiled.py: about a minute the first
         time in a process, then about twice the tokens a second on a CPU; bench/RESULTS.md).
-        Returns the new ids (B, n)."""
+        Returns the new ids (B, n). labels (a processor's, with a suffix) are ignored."""
         check_args(max_new_tokens, temperature, top_k, top_p)  # before the prefill's work
         B, T = input_ids.shape
         text = self.cfg.text

@@ -232,6 +232,24 @@ def test_suffix_training_case(variant, ours, hf, images):
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
+def test_generate_and_forward_take_what_the_processor_returns(variant, ours, images):
+    """model(**processor(...)) and model.generate(**processor(...)) take every key the processor
+    returns, a suffix's labels included, as transformers' do. generate ignores labels: its tokens
+    are those of the same inputs without them."""
+    model, proc = ours[variant]
+    inputs = proc(text=PROMPTS, images=[[images[0]], [images[1]]],
+                  suffix=["a cow", "on the sandy beach"])
+    assert set(inputs) == {"input_ids", "token_type_ids", "attention_mask", "pixel_values",
+                           "labels"}
+    without = {k: v for k, v in inputs.items() if k != "labels"}
+    new = model.generate(**inputs, max_new_tokens=6)
+    assert new.shape[1] > 0 and torch.equal(new, model.generate(**without, max_new_tokens=6))
+    with torch.no_grad():
+        logits, loss = model(**inputs)
+        assert torch.equal(logits, model(**without)) and loss.item() > 0
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
 def test_loss_and_gradients_match_transformers(variant, ours, hf, images, record_property):
     """A left-padded batch of two training rows (prefix-LM mask, suffix labels): loss, and
     gradients through the vision tower, the projector and the decoder."""
@@ -371,29 +389,77 @@ def test_cli_streams_the_greedy_answer(ckpt, ours, images, tmp_path):
     assert "tokens/s" in r.stderr and "load" in r.stderr
 
 
-def test_cli_detection_png_and_json(ckpt, ours, images, tmp_path):
-    """--output and --json on the fixture: its random answer holds no object, so the PNG is the
-    image unchanged (one stderr line says so) and the JSON carries the streamed text and no
-    objects."""
+def test_cli_detection_png_and_json(ckpt, ours, images, tmp_path, monkeypatch):
+    """--output and --json on an answer with a box and a mask. The fixture's random answer holds no
+    object, so the model's generate is replaced by one that feeds the ids of a `segment` answer
+    through the real decode loop (streamed as usual); the mask decoder has random weights. The JSON
+    carries the box in the image's pixels and a COCO RLE that decodes to paste_mask's mask; the PNG
+    differs from the input on the box's outline and the mask, and nowhere outside the box."""
+    import numpy as np
     from PIL import Image
+    from pycocotools import mask as coco_mask
+
+    import common
+    from helpers import cli_in_process
+    from test_paligemma_tasks import random_vae
     path = tmp_path / "street.png"
     images[0].save(path)
-    drawing = tmp_path / "boxes.png"
-    r = run_cli("paligemma.py", "--dtype", "float32", "--model", str(ckpt["pg1"]),
-                "--image", str(path), "--prompt", "detect cow", "--max-new-tokens", "10",
-                "--output", str(drawing), "--json")
-    assert r.returncode == 0, r.stderr
+    width, height = images[0].size
+    vae = tmp_path / "vae-oid.npz"
+    np.savez(vae, **random_vae())
+    bins = [100, 50, 700, 600]  # y_min, x_min, y_max, x_max in 1/1023 of a side
+    codes = [int(c) for c in np.random.default_rng(3).integers(0, 128, 16)]
+    answer = "".join(f"<loc{b:04d}>" for b in bins)
+    answer += "".join(f"<seg{c:03d}>" for c in codes) + " cow"
     model, proc = ours["pg1"]
-    inputs = proc(text=["detect cow"], images=[[open_path(path)]])
-    expected = proc.decode(model.generate(**inputs, max_new_tokens=10)[0])
+    script = proc.tokenizer.encode(answer, add_special_tokens=False).ids + [model.stop[0]]
+    assert proc.decode(script) == answer and len(script) < 40
+    prompts = []
+
+    def scripted_generate(self, input_ids, pixel_values=None, attention_mask=None,
+                          token_type_ids=None, labels=None, max_new_tokens=100, temperature=0.0,
+                          top_k=None, top_p=None, seed=None, stream=None):
+        prompts.append(input_ids)
+        vocab = self.cfg.text.vocab_size
+        logits = [torch.zeros(1, vocab).index_fill_(1, torch.tensor([i]), 1.0) for i in script]
+        steps = iter(logits[1:])
+        return common.generate(lambda token: next(steps), logits[0], max_new_tokens, self.stop,
+                               self.pad_id, temperature, top_k, top_p, seed, stream)
+
+    monkeypatch.setattr(P.PaliGemma, "generate", scripted_generate)
+    drawing = tmp_path / "boxes.png"
+    r = cli_in_process(P, "--dtype", "float32", "--model", ckpt["pg1"], "--image", path,
+                       "--prompt", "segment cow", "--max-new-tokens", "40", "--vae", vae,
+                       "--output", drawing, "--json")
+    assert r.returncode == 0 and r.stderr == "", r.stderr
+    expected_prompt = proc(text=["segment cow"], images=[[open_path(path)]])["input_ids"]
+    assert len(prompts) == 1 and torch.equal(prompts[0], expected_prompt)
     result = json.loads(r.stdout.splitlines()[-1])
-    assert r.stdout.endswith("\n" + json.dumps(result) + "\n")  # after the streamed text
-    assert result == {"text": expected, "objects": P.parse_objects(expected, 90, 70)}
-    assert result["objects"] == []
-    assert "holds no object" in r.stderr and r.stderr.count("\n") == 1
-    with Image.open(drawing) as written, Image.open(path) as original:
-        assert written.size == original.size
-        assert list(written.convert("RGB").getdata()) == list(original.convert("RGB").getdata())
+    assert r.stdout == answer + "\n" + json.dumps(result) + "\n"  # the streamed text, then JSON
+    assert result["text"] == answer and len(result["objects"]) == 1
+    found = result["objects"][0]
+    assert found["label"] == "cow"
+    box = [bins[1] * width / 1023, bins[0] * height / 1023,  # x0, y0, x1, y1 in pixels
+           bins[3] * width / 1023, bins[2] * height / 1023]
+    assert found["box"] == pytest.approx(box, abs=0.006)  # rounded to a hundredth
+    with torch.inference_mode():
+        mask64 = P.load_mask_decoder(vae)(torch.tensor([codes]))[0].numpy()
+    expected = P.paste_mask(mask64, box, width, height)
+    assert expected.any() and not expected.all()
+    rle = found["mask"]
+    decoded = coco_mask.decode(coco_mask.frPyObjects(rle, *rle["size"]))
+    assert rle["size"] == [height, width] and np.array_equal(decoded.astype(bool), expected)
+    with Image.open(drawing) as written:
+        assert written.format == "PNG" and written.size == (width, height)
+        changed = (np.asarray(written.convert("RGB")) != np.asarray(images[0])).any(-1)
+    x0, y0, x1, y1 = (int(v) for v in box)  # Pillow draws on the whole pixels of the box
+    outline = np.concatenate([changed[y0:y1 + 1, x0], changed[y0:y1 + 1, x1],
+                              changed[y0, x0:x1 + 1], changed[y1, x0:x1 + 1]])
+    assert outline.all()  # the box's four sides
+    assert changed[expected].all()  # the mask's translucent fill
+    inside = np.zeros_like(changed)
+    inside[y0:y1 + 1, x0:x1 + 1] = True
+    assert not changed[~inside].any()
 
 
 def open_path(p):

@@ -243,14 +243,65 @@ def test_parse_malformed_pieces_are_skipped(text, labels):
     assert [o["label"] for o in P.parse_objects(text, 100, 100)] == labels
 
 
-def test_parse_never_raises_on_token_soup():
+def two_bins(rng):
+    """Two different bins in increasing order, each the near edge (0), the far edge (1023) or
+    anything between, a quarter, a quarter and a half of the time."""
+    while True:
+        a, b = [int(rng.choice([0, 1023, rng.integers(0, 1024)])) for _ in range(2)]
+        if a != b:
+            return min(a, b), max(a, b)
+
+
+def test_parse_token_soup_gives_exactly_the_good_objects():
+    """Random answers of `;`-pieces: good objects (edge bins 0 and 1023 included, half with mask
+    codes, some after stray text), bad ones (inverted or empty boxes, a mask code or a bin out of
+    range) and token soup. Parsing never raises and gives the good objects only, in order, with
+    boxes of bins / 1023 of a side that lie in the image (0 <= x0 < x1 <= width, likewise y)."""
     rng = np.random.default_rng(0)
-    pieces = [loc(7), loc(1023), loc(9999), seg(5), seg(999), " ; ", ";", " cat", "<", ">", " "]
+    soup = [loc(7), loc(1023), loc(9999), seg(5), seg(999), " cat", "<", ">", " "]
+    checked = []
     for _ in range(300):
-        text = "".join(rng.choice(pieces, rng.integers(0, 30)))
-        for obj in P.parse_objects(text, 50, 70):
+        width, height = [int(n) for n in rng.integers(1, 2000, 2)]
+        pieces = []
+        expected = []
+        for k in range(int(rng.integers(0, 7))):
+            kind = rng.choice(["good", "inverted", "empty", "bad code", "bad bin", "soup"])
+            if kind == "soup":  # ends with "<": never an object, whatever comes before
+                pieces.append("".join(rng.choice(soup, rng.integers(0, 12))) + "<")
+                continue
+            y0, y1 = two_bins(rng)
+            x0, x1 = two_bins(rng)
+            codes = None
+            if rng.random() < 0.5:
+                codes = [int(c) for c in rng.integers(0, 128, 16)]
+            label = f"thing {k}"
+            if kind == "inverted":
+                y0, y1 = y1, y0
+            elif kind == "empty":
+                x1 = x0
+            elif kind == "bad code":
+                codes = [int(rng.integers(128, 1000))] + [0] * 15
+            elif kind == "bad bin":
+                x1 = int(rng.integers(1024, 10000))
+            else:
+                expected.append({"label": label, "seg": codes,
+                                 "box": [x0 * width / 1023, y0 * height / 1023,
+                                         x1 * width / 1023, y1 * height / 1023]})
+            stray = str(rng.choice(["", "Sure! ", "a cat "]))
+            pieces.append(stray + loc(y0, x0, y1, x1) + seg(*(codes or [])) + " " + label)
+        text = "".join(piece + str(rng.choice([";", " ; ", " ;"])) for piece in pieces)
+        objects = P.parse_objects(text, width, height)
+        assert [(o["label"], o["seg"]) for o in objects] == \
+            [(o["label"], o["seg"]) for o in expected], text
+        for obj, want in zip(objects, expected):
+            assert obj["box"] == pytest.approx(want["box"], rel=1e-12, abs=1e-12)
             x0, y0, x1, y1 = obj["box"]
-            assert 0 <= x0 < x1 <= 50 and 0 <= y0 < y1 <= 70
+            assert 0 <= x0 < x1 <= width and 0 <= y0 < y1 <= height
+            checked.append((obj["box"], width, height))
+    assert len(checked) > 100
+    # the edges were exercised: boxes touching the image's far and near sides
+    assert any(box[2] == width for box, width, _ in checked)
+    assert any(box[1] == 0 for box, _, _ in checked)
 
 
 def big_vision_loc_tokens(box, width, height):
@@ -300,19 +351,27 @@ def test_paste_mask_is_big_vision_evaluator():
 
 
 @pytest.mark.parametrize("case", ["random", "first pixel set", "empty", "full", "one pixel"])
-def test_rle_read_back_by_pycocotools(case):
+def test_rle_is_pycocotools_encoding(case):
+    """Our uncompressed RLE is COCO's: pycocotools compresses it to exactly what its own encode
+    gives for the mask, and decodes it back to the mask. The counts start with the zeros before the
+    first set pixel in column-major order (0 of them when the first pixel is set)."""
     from pycocotools import mask as coco_mask
     rng = np.random.default_rng(0)
     mask = rng.random((37, 23)) > 0.6
-    if case == "first pixel set":
-        mask[0, 0] = True
+    mask[0, 0] = case == "first pixel set"
     mask = {"empty": np.zeros((5, 4), bool), "full": np.ones((5, 4), bool),
             "one pixel": np.ones((1, 1), bool)}.get(case, mask)
     rle = P.mask_to_rle(mask)
-    assert rle["size"] == list(mask.shape) and sum(rle["counts"]) == mask.size
-    assert rle["counts"][0] == (0 if mask[0, 0] else rle["counts"][0])
     json.dumps(rle)  # plain ints and lists
-    decoded = coco_mask.decode(coco_mask.frPyObjects(rle, *rle["size"]))
+    theirs = coco_mask.encode(np.asfortranarray(mask.astype(np.uint8)))
+    ours = coco_mask.frPyObjects(rle, *rle["size"])
+    assert rle["size"] == list(mask.shape) == list(theirs["size"])
+    assert ours["counts"] == theirs["counts"]
+    set_pixels = np.flatnonzero(mask.ravel(order="F"))
+    leading_zeros = set_pixels[0] if len(set_pixels) else mask.size
+    assert rle["counts"][0] == leading_zeros and all(n > 0 for n in rle["counts"][1:])
+    assert sum(rle["counts"]) == mask.size
+    decoded = coco_mask.decode(ours)
     assert np.array_equal(decoded.astype(bool), mask)
 
 
@@ -427,3 +486,28 @@ def test_cli_bad_vae_fails_in_one_line_before_loading(case, vae, tmp_path):
     r = cli_in_process(P, "--model", tmp_path / "no-model-needed", "--image", image,
                        "--prompt", "segment cat", "--vae", path)
     assert_fails(r, message)
+
+
+@pytest.mark.parametrize("flags", [["--output", "boxes.png"], ["--json"],
+                                   ["--output", "boxes.png", "--json"]])
+def test_output_and_json_refuse_several_images_before_loading(flags, tmp_path, monkeypatch):
+    """An answer about two images has boxes that belong to neither: --output and --json with
+    several --image stop in one line before the slow load, and no PNG is written."""
+    from helpers import assert_fails, cli_in_process
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(P, "load", no_load)
+    monkeypatch.chdir(tmp_path)
+    paths = []
+    for i, colour in enumerate(["white", "black"]):
+        paths += ["--image", tmp_path / f"in{i}.png"]
+        Image.new("RGB", (20, 10), colour).save(paths[-1])
+    r = cli_in_process(P, "--model", tmp_path / "no-model-needed", *paths, "--prompt",
+                       "detect cat", *flags)
+    assert_fails(r, "--output and --json take one --image, not 2")
+    assert not (tmp_path / "boxes.png").exists()
+    parser = argparse.ArgumentParser()
+    P.add_task_args(parser)
+    assert " ".join(parser.format_help().split()).count("one --image only:") == 2

@@ -628,3 +628,23 @@ def test_cli_help_tells_the_tile_cost():
         P.main(["--help"])
     help_text = out.getvalue()
     assert "--max-tiles" in help_text and "9.5k" in help_text and "--num-frames" in help_text
+
+
+def test_generate_and_forward_take_what_the_processor_returns(ours, images, clip):
+    """model(**processor(...)) and model.generate(**processor(...)) take every key the processor
+    returns, a suffix's labels included, as transformers' do (pixel_values for the images,
+    pixel_values_videos for the videos). generate ignores labels: its tokens are those of the same
+    inputs without them."""
+    model, proc = ours["1b"]
+    frames = clip[1]
+    text = [chat(proc, "Compare.", images=1, videos=1), chat(proc, QUESTIONS[0])]
+    inputs = proc(text=text, images=[frames[0], images[1]], videos=[frames], num_frames=4,
+                  suffix=["The same.<|eot_id|>", "A picture.<|eot_id|>"])
+    assert set(inputs) == {"input_ids", "attention_mask", "labels", "pixel_values",
+                           "pixel_values_videos"}
+    without = {k: v for k, v in inputs.items() if k != "labels"}
+    new = model.generate(**inputs, max_new_tokens=6)
+    assert new.shape[1] > 0 and torch.equal(new, model.generate(**without, max_new_tokens=6))
+    with torch.no_grad():
+        logits, loss = model(**inputs)
+        assert torch.equal(logits, model(**without)) and loss.item() > 0

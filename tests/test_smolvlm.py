@@ -585,3 +585,28 @@ def test_cli_video_end_to_end(ckpt, ours, video):
     inputs = proc(text=["<video>In this video, we see"], videos=[path], num_frames=4)
     assert raw.returncode == 0
     assert raw.stdout == proc.decode(model.generate(**inputs, max_new_tokens=10)[0]) + "\n"
+
+
+def test_generate_and_forward_take_what_the_processor_returns(ours, images, video):
+    """model(**processor(...)) and model.generate(**processor(...)) take every key the processor
+    returns, a suffix's labels included, as transformers' do (images: pixel_attention_mask too;
+    a video gives the same keys). generate ignores labels: its tokens are those of the same inputs
+    without them."""
+    pairs = [ours["v1"][1].prompt_and_answer(conversation) for conversation in conversations()]
+    text = [prompt for prompt, _ in pairs]
+    answers = [answer for _, answer in pairs]
+    v2_proc = ours["v2"][1]
+    video_text = [v2_proc.apply_chat_template(chat("video", text="What happens?"))]
+    cases = [("v1", dict(text=text, images=[[images[0]], [images[1]]], suffix=answers)),
+             ("v2", dict(text=video_text, videos=[video[0]], num_frames=4, suffix=["A cow."]))]
+    for variant, case in cases:
+        model, proc = ours[variant]
+        inputs = proc(**case)
+        assert set(inputs) == {"input_ids", "attention_mask", "labels", "pixel_values",
+                               "pixel_attention_mask"}
+        without = {k: v for k, v in inputs.items() if k != "labels"}
+        new = model.generate(**inputs, max_new_tokens=6)
+        assert new.shape[1] > 0 and torch.equal(new, model.generate(**without, max_new_tokens=6))
+        with torch.no_grad():
+            logits, loss = model(**inputs)
+            assert torch.equal(logits, model(**without)) and loss.item() > 0
