@@ -8,13 +8,22 @@ import glob
 import json
 import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 
+from PIL import Image
+
 from command_line import BATCH_SIZE, compile_option, encoding_progress, show_status
-from common import VLMError, first_line, open_image
+from common import VLMError, choose_device_and_dtype, first_line, open_image
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+# The flags that change an answer, recorded in each line's "settings" (with the prompt and the
+# dtype): --resume refuses a file made with others. Those left out (--device, --compile,
+# --batch-size, --progress, ...) change how fast an answer comes, not what it is.
+ANSWER_FLAGS = ("model", "quantize", "max_new_tokens", "temperature", "top_k", "top_p", "seed",
+                "raw", "max_tiles", "vae")
+LINE_START = b'{"image": '  # every line we write starts so: json.dumps keeps "image" first
 
 
 def folder_images(folder, recursive):
@@ -48,33 +57,162 @@ def batch_paths(patterns, recursive):
     return list(dict.fromkeys(paths))  # each image once, first place kept
 
 
-def read_jsonl(path):
-    """The lines of an earlier --output-jsonl FILE, checked: each a JSON object with an "image"."""
-    lines = Path(path).read_text(encoding="utf-8").splitlines()
+def run_settings(args):
+    """What a line's answer depends on besides its image: the flags of ANSWER_FLAGS this model file
+    has, and the dtype in use (the default depends on the machine)."""
+    settings = {name: getattr(args, name) for name in ANSWER_FLAGS if hasattr(args, name)}
+    _, dtype = choose_device_and_dtype(args.device, args.dtype)
+    settings["dtype"] = str(dtype).removeprefix("torch.")
+    return settings
+
+
+def read_jsonl(path, prompt, settings):
+    """The lines of an earlier --output-jsonl FILE -> ({image: line} in file order, the images whose
+    line is an error). What follows the last newline is a line cut by a crash: left out, its image
+    is done again. Any other line that is not one we write, or one made with another prompt or
+    settings, is refused."""
+    *lines, tail = Path(path).read_bytes().split(b"\n")
+    if not (tail.startswith(LINE_START) or LINE_START.startswith(tail)):
+        lines.append(tail)  # not the start of a line of ours: checked below, and refused
+    wanted = {"prompt": prompt, **settings}
+    kept = {}
+    failed = set()
     for number, line in enumerate(lines, 1):
         try:
             record = json.loads(line)
-        except ValueError:
+        except ValueError:  # not JSON, or not UTF-8
             record = None
-        if not isinstance(record, dict) or "image" not in record:
+        if not isinstance(record, dict) or not isinstance(record.get("image"), str):
             raise VLMError(f"{path} line {number} is not a line --output-jsonl writes, so it "
                            "cannot be resumed")
-    return lines
+        made = {"prompt": record.get("prompt"), **(record.get("settings") or {})}
+        for name, value in wanted.items():
+            if made.get(name) != value:
+                flag = "--" + name.replace("_", "-")
+                raise VLMError(f"{path} line {number} was made with another {flag} "
+                               f"({json.dumps(made.get(name))}, not {json.dumps(value)}): "
+                               "--resume needs the same prompt and settings")
+        kept[record["image"]] = line.decode("utf-8")
+        if "error" in record:
+            failed.add(record["image"])
+    return kept, failed
 
 
 def write_atomically(path, write):
-    """The whole file or nothing: `write(temporary)` makes a temporary file beside `path`, which is
-    then synced to disk and renamed over it."""
-    temporary = f"{path}.{os.getpid()}.tmp"
+    """The whole file or nothing: `write(f)` writes the contents into `f`, a new temporary file
+    beside `path` open for binary writing (made by mkstemp: a fresh name, created exclusively, so
+    no link planted in the folder is followed). It is synced, renamed over `path`, and the rename
+    synced (the folder)."""
+    folder = Path(path).absolute().parent
+    temporary = None
     try:
-        write(temporary)
-        with open(temporary, "rb+") as f:
+        descriptor, temporary = tempfile.mkstemp(prefix=f".{Path(path).name}.", suffix=".tmp",
+                                                 dir=folder)
+        os.fchmod(descriptor, new_file_mode())  # not mkstemp's 0600, which hides it from others
+        with os.fdopen(descriptor, "wb") as f:
+            write(f)
+            f.flush()
             os.fsync(f.fileno())
         os.replace(temporary, path)
+        temporary = None
+        folder_descriptor = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(folder_descriptor)
+        finally:
+            os.close(folder_descriptor)
     except OSError as e:
         raise VLMError(f"cannot write {path} ({e.strerror or e})") from None
     finally:
-        Path(temporary).unlink(missing_ok=True)  # there only after a failure or an interrupt
+        if temporary is not None:  # a failure or an interrupt before the rename
+            Path(temporary).unlink(missing_ok=True)
+
+
+def new_file_mode():
+    """What open() gives a new file: 0666 less the umask (which can only be read by setting it)."""
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+def open_images(paths):
+    """-> [(path, PIL image, or the one line saying why it cannot be read)]"""
+    items = []
+    for path in paths:
+        try:
+            items.append((path, open_image(path)))
+        except VLMError as e:
+            items.append((path, first_line(e)))
+    return items
+
+
+class Answerer:
+    """The per-batch code path: a list of (path, image or error) -> one record each, in order.
+    `make_inputs(images)`: the processor's inputs for a list of PIL images (one prompt each);
+    `decode(ids)`: text; `vision`: the vision tower (for the tiles' progress); `describe(text,
+    image)`: more fields for a record (PaliGemma's objects); `args`: the command line's."""
+
+    def __init__(self, model, decode, make_inputs, vision, args, describe=None):
+        self.model = model
+        self.decode = decode
+        self.make_inputs = make_inputs
+        self.vision = vision
+        self.args = args
+        self.describe = describe
+        self.settings = run_settings(args)
+        self.shown = args.progress or sys.stderr.isatty()
+
+    def __call__(self, items):
+        images = {path: image for path, image in items if not isinstance(image, str)}
+        answers = self.answers(images)
+        records = []
+        for path, image in items:
+            answer = answers.get(path, image)  # an image that could not be read: its error
+            if isinstance(answer, str):
+                answer = {"image": path, "prompt": self.args.prompt, "error": answer}
+            records.append({**answer, "settings": self.settings})
+        return records
+
+    def answers(self, images):
+        """{path: image} -> {path: record, or the one line of its error}, generated together; if
+        that fails (say one long image: the padded batch passes the context), each image alone, so
+        that an image's answer never depends on the others in its batch."""
+        try:
+            return self.generate(images)
+        except VLMError as e:
+            if len(images) == 1:
+                return {path: first_line(e) for path in images}
+        answers = {}
+        for path, image in images.items():
+            answers.update(self.answers({path: image}))
+        return answers
+
+    def generate(self, images):
+        """{path: image} -> {path: record}, the images generated as one left-padded batch."""
+        if not images:
+            return {}
+        args = self.args
+        model = self.model
+        device = next(model.parameters()).device
+        start = time.perf_counter()
+        inputs = self.make_inputs(list(images.values()))
+        inputs = {name: value.to(device) for name, value in inputs.items()}
+        with encoding_progress(self.vision, inputs, self.shown):
+            new_ids = model.generate(**inputs, max_new_tokens=args.max_new_tokens,
+                                     temperature=args.temperature, top_k=args.top_k,
+                                     top_p=args.top_p, seed=args.seed, **compile_option(args))
+        seconds = (time.perf_counter() - start) / len(images)  # each image's share of the batch
+        records = {}
+        for (path, image), ids in zip(images.items(), new_ids.tolist()):
+            text = self.decode(ids)
+            ends = [position for position, token in enumerate(ids) if token in model.stop]
+            n_tokens = len(ids)
+            if ends:
+                n_tokens = ends[0] + 1  # up to its end token; the rest is the batch's padding
+            records[path] = {"image": path, "prompt": args.prompt, "text": text,
+                             "tokens": n_tokens, "seconds": round(seconds, 3)}
+            if self.describe is not None:
+                records[path].update(self.describe(text, image))
+        return records
 
 
 class Batch:
@@ -86,8 +224,6 @@ class Batch:
         output = args.output_jsonl
         if args.image:
             raise VLMError("give --image or --batch, not both")
-        if args.batch_size is not None and args.batch_size <= 0:
-            raise VLMError(f"batch-size must be positive, got {args.batch_size}")
         if args.resume and not output:
             raise VLMError("--resume needs --output-jsonl FILE (the lines to resume from)")
         if output and Path(output).exists() and not args.resume:
@@ -96,18 +232,35 @@ class Batch:
             raise VLMError(f"cannot write {output}: no such folder")
         self.args = args
         self.paths = batch_paths(args.batch, args.recursive)
-        self.lines = []  # the JSON lines written, with --resume an earlier run's first
+        self.settings = run_settings(args)
+        self.lines = {}  # --output-jsonl: {image: line}, an earlier run's kept ones first
+        failed = set()
         if args.resume and Path(output).exists():
-            self.lines = read_jsonl(output)
-        answered = {json.loads(line)["image"] for line in self.lines}
-        self.todo = [path for path in self.paths if path not in answered]
+            self.lines, failed = read_jsonl(output, args.prompt, self.settings)
+        self.rank = {path: position for position, path in enumerate(self.paths)}
+        for path in failed & set(self.paths):  # done again, its new line in its place
+            del self.lines[path]
+        self.todo = [path for path in self.paths if path not in self.lines]
+        self.written = None  # the images in FILE, in its order, once this run has written it
+        self.failed = 0
         self.shown = args.progress or sys.stderr.isatty()
 
+    def check_prompt(self, make_inputs, tokenizer, context):
+        """Before the load, what would fail every image fails once: the processor's check of the
+        prompt (its image placeholders) on a probe image, and the context: the prompt's own text
+        tokens (no image's) plus --max-new-tokens must fit."""
+        inputs = make_inputs([Image.new("RGB", (64, 64), "gray")])
+        added = tokenizer.get_added_tokens_decoder()  # image and template tokens among them
+        n_text = sum(token not in added for token in inputs["input_ids"][0].tolist())
+        if n_text + self.args.max_new_tokens > context:
+            raise VLMError(f"the prompt's text alone ({n_text} tokens, no image's) plus "
+                           f"--max-new-tokens ({self.args.max_new_tokens}) exceed the model's "
+                           f"context of {context} tokens: every image would fail")
+
     def run(self, model, decode, make_inputs, vision, describe=None):
-        """Answer every image still to do. `make_inputs(images)`: the processor's inputs for a list
-        of PIL images (one prompt each); `decode(ids)`: text; `vision`: the vision tower (for the
-        tiles' progress); `describe(text, image)`: more fields for a line (PaliGemma's objects).
-        Failed images carry an "error" and make the run an error at the end."""
+        """Answer every image still to do (see Answerer for the arguments). Failed images carry
+        an "error" and make the run an error at the end."""
+        answer = Answerer(model, decode, make_inputs, vision, self.args, describe)
         device = next(model.parameters()).device
         size = self.args.batch_size or BATCH_SIZE.get(device.type, BATCH_SIZE["cpu"])
         terminal = sys.stderr.isatty()
@@ -116,74 +269,61 @@ class Batch:
         try:
             for first in range(0, total, size):
                 paths = self.todo[first:first + size]
-                records = self.answer(paths, model, decode, make_inputs, vision, describe)
-                self.write([json.dumps(record) for record in records])
+                self.write(answer(open_images(paths)))
                 if self.shown:
                     show_status(progress_text(first + len(paths), total, start), terminal)
         except KeyboardInterrupt:
+            self.put_in_order()
             raise VLMError("interrupted: the lines written so far are kept (--resume goes "
                            "on)") from None
+        self.put_in_order()
         if self.shown and terminal:
             print(file=sys.stderr)  # keep the last progress line
-        failed = sum("error" in json.loads(line) for line in self.lines)
-        if failed:
-            raise VLMError(f"{failed} of {len(self.paths)} images failed (their lines say why)")
+        if self.failed:
+            raise VLMError(f"{self.failed} of {len(self.paths)} images failed (their lines say "
+                           "why)")
 
-    def answer(self, paths, model, decode, make_inputs, vision, describe):
-        """One batch -> its records in order; an image that cannot be read gets its error."""
-        records = {}
-        images = {}
-        for path in paths:
-            try:
-                images[path] = open_image(path)
-            except VLMError as e:
-                records[path] = {"image": path, "prompt": self.args.prompt, "error": first_line(e)}
-        try:
-            records.update(self.generate(images, model, decode, make_inputs, vision, describe))
-        except VLMError as e:  # rare (one image too long for the context): the batch fails
-            for path in images:
-                records[path] = {"image": path, "prompt": self.args.prompt, "error": first_line(e)}
-        return [records[path] for path in paths]
-
-    def generate(self, images, model, decode, make_inputs, vision, describe):
-        """{path: image} -> {path: record}, the images generated as one left-padded batch."""
-        if not images:
-            return {}
-        args = self.args
-        device = next(model.parameters()).device
-        start = time.perf_counter()
-        inputs = make_inputs(list(images.values()))
-        inputs = {name: value.to(device) for name, value in inputs.items()}
-        with encoding_progress(vision, inputs, self.shown):
-            new_ids = model.generate(**inputs, max_new_tokens=args.max_new_tokens,
-                                     temperature=args.temperature, top_k=args.top_k,
-                                     top_p=args.top_p, seed=args.seed, **compile_option(args))
-        seconds = (time.perf_counter() - start) / len(images)  # each image's share of the batch
-        records = {}
-        for (path, image), ids in zip(images.items(), new_ids.tolist()):
-            text = decode(ids)
-            ends = [position for position, token in enumerate(ids) if token in model.stop]
-            n_tokens = len(ids)
-            if ends:
-                n_tokens = ends[0] + 1  # up to its end token; the rest is the batch's padding
-            records[path] = {"image": path, "prompt": args.prompt, "text": text,
-                             "tokens": n_tokens, "seconds": round(seconds, 3)}
-            if describe is not None:
-                records[path].update(describe(text, image))
-        return records
-
-    def write(self, lines):
-        """A batch's lines: to stdout, or added to --output-jsonl FILE, which is rewritten whole."""
-        self.lines += lines
+    def write(self, records):
+        """A batch's lines: printed to stdout, or put in --output-jsonl FILE: its first write this
+        run makes the whole file (with --resume, the kept lines and the batch's, in order), each
+        later one appends; either way written, flushed and synced to disk."""
+        self.failed += sum("error" in record for record in records)
+        lines = {record["image"]: json.dumps(record) for record in records}
         if not self.args.output_jsonl:
-            print("\n".join(lines), flush=True)
+            print("\n".join(lines.values()), flush=True)
             return
-        text = "".join(line + "\n" for line in self.lines)
+        self.lines.update(lines)
+        if self.written is None:
+            self.rewrite()
+            return
+        try:
+            with open(self.args.output_jsonl, "ab") as f:
+                f.write(jsonl(lines.values()))  # one write: a crash cuts at most its last line
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError as e:
+            raise VLMError(f"cannot write {self.args.output_jsonl} ({e.strerror or e})") from None
+        self.written += list(lines)
 
-        def write_text(temporary):
-            Path(temporary).write_text(text, encoding="utf-8")
+    def in_order(self):
+        """FILE's images in input order, after the kept lines of images not given this time."""
+        return sorted(self.lines, key=lambda image: self.rank.get(image, -1))
 
-        write_atomically(self.args.output_jsonl, write_text)
+    def rewrite(self):
+        """FILE written whole, in order, atomically: a run's first write, and at the end once more
+        if a retried image was appended after images that come after it."""
+        self.written = self.in_order()
+        data = jsonl(self.lines[image] for image in self.written)
+        write_atomically(self.args.output_jsonl, lambda f: f.write(data))
+
+    def put_in_order(self):
+        if self.written is not None and self.written != self.in_order():
+            self.rewrite()
+
+
+def jsonl(lines):
+    """Lines -> the bytes of a JSON-lines file (each line ends with a newline)."""
+    return "".join(line + "\n" for line in lines).encode("utf-8")
 
 
 def progress_text(done, total, start):

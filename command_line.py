@@ -46,10 +46,13 @@ def cli_parser(description, default_model):
     p.add_argument("--batch-size", type=int, default=None, help="--batch: images generated "
                    f"together (default {BATCH_SIZE['cpu']} on a CPU, {BATCH_SIZE['cuda']} on CUDA)")
     p.add_argument("--recursive", action="store_true", help="--batch: subfolders' images too")
-    p.add_argument("--output-jsonl", metavar="FILE", help="--batch: the lines go to FILE, "
-                   "rewritten whole (atomically) after each batch, instead of stdout")
-    p.add_argument("--resume", action="store_true", help="--batch: skip the images already in "
-                   "--output-jsonl FILE and add the others")
+    p.add_argument("--output-jsonl", metavar="FILE", help="--batch: the lines go to FILE "
+                   "instead of stdout, each batch's appended and synced to disk")
+    p.add_argument("--resume", action="store_true", help="--batch: go on with --output-jsonl "
+                   "FILE: its answered images are skipped, those with an error done again; a "
+                   "FILE made with another prompt or another flag that changes answers (--model, "
+                   "--max-new-tokens, sampling, --quantize, --raw, --max-tiles, --vae, the dtype: "
+                   "each line's \"settings\") is refused")
     return p
 
 

@@ -860,25 +860,28 @@ def main(argv=None):
     # a bad mask decoder file fails before the slow load too; --batch segment lines need one
     if args.vae or (batch is not None and args.prompt.startswith("segment")):
         decoder = load_mask_decoder(args.vae)
+    if batch is not None:
+        batch_main(batch, decoder)
+        return
     start = time.perf_counter()
     model, processor = load(args.model, args.device, args.dtype, args.quantize)
     load_seconds = time.perf_counter() - start
-    if batch is not None:
-        batch_main(batch, model, processor, decoder)
-        return
     inputs = processor(text=[args.prompt], images=[images])
     new_ids = stream_answer(model, processor, inputs, args, load_seconds, model.vision_tower)
     answer = processor.decode(new_ids[0])
     write_detections(answer, images[0], args.output, args.json, decoder)
 
 
-def batch_main(batch, model, processor, decoder):
+def batch_main(batch, decoder):
     """--batch: each image with the one --prompt; each line adds the answer's objects (detect,
-    segment; masks with the mask decoder)."""
-    prompt = batch.args.prompt
+    segment; masks with the mask decoder). A prompt that would fail every image fails before the
+    load."""
+    args = batch.args
+    folder = resolve(args.model)
+    processor = Processor(folder)
 
     def make_inputs(images):
-        return processor(text=[prompt] * len(images), images=[[image] for image in images])
+        return processor(text=[args.prompt] * len(images), images=[[image] for image in images])
 
     def describe(text, image):
         objects = parse_objects(text, image.width, image.height)
@@ -887,6 +890,9 @@ def batch_main(batch, model, processor, decoder):
             masks = decode_masks(decoder, objects, image.width, image.height)
         return {"objects": json_objects(objects, masks)}
 
+    context = Config.from_folder(folder).text.max_position_embeddings
+    batch.check_prompt(make_inputs, processor.tokenizer, context)
+    model, processor = load(str(folder), args.device, args.dtype, args.quantize)
     batch.run(model, processor.decode, make_inputs, model.vision_tower, describe)
 
 

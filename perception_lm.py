@@ -840,13 +840,13 @@ def main(argv=None):
     if args.video:
         frames, _ = read_video(args.video, uniform_frames(args.num_frames))
         videos.append(frames)
+    if batch is not None:
+        batch_main(batch)
+        return
     start = time.perf_counter()
     model, processor = load(args.model, args.device, args.dtype, args.quantize)
     load_seconds = time.perf_counter() - start
     on_cpu = next(model.parameters()).device.type == "cpu"
-    if batch is not None:
-        batch_main(batch, model, processor, on_cpu)
-        return
     text = cli_prompt(processor, args, len(images), len(videos))
     if on_cpu:
         note_many_tiles(processor, images, args.max_tiles)
@@ -883,18 +883,28 @@ def note_many_tiles(processor, images, max_tiles):
     return True
 
 
-def batch_main(batch, model, processor, on_cpu):
-    """--batch: each image in the chat template with the one --prompt."""
+def batch_main(batch):
+    """--batch: each image in the chat template with the one --prompt. A prompt that would fail
+    every image (say --raw without <|image|>) fails before the load."""
     args = batch.args
+    folder = resolve(args.model)
+    cfg = Config.from_folder(folder)
+    processor = Processor(folder, cfg)
     prompt = cli_prompt(processor, args, 1, 0)
-    noted = not on_cpu  # the note on many tiles: once a run, on a CPU
+
+    def preprocess(images):
+        return processor(text=[prompt] * len(images), images=images,
+                         max_num_tiles=args.max_tiles)
+
+    batch.check_prompt(preprocess, processor.tokenizer, cfg.text.max_position_embeddings)
+    model, processor = load(str(folder), args.device, args.dtype, args.quantize)
+    noted = next(model.parameters()).device.type != "cpu"  # the note on many tiles: on a CPU
 
     def make_inputs(images):
         nonlocal noted
-        if not noted:
+        if not noted:  # once a run
             noted = note_many_tiles(processor, images, args.max_tiles)
-        return processor(text=[prompt] * len(images), images=images,
-                         max_num_tiles=args.max_tiles)
+        return preprocess(images)
 
     batch.run(model, processor.decode, make_inputs, model.vision_tower)
 

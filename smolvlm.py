@@ -926,15 +926,18 @@ def main(argv=None):
         batch = Batch(args)  # the images are found before the slow load
     images = [open_image(path) for path in args.image]  # fail on a bad image before the slow load
     folder = resolve(args.model)
-    processor = Processor(folder, Config.from_folder(folder))
+    cfg = Config.from_folder(folder)
+    processor = Processor(folder, cfg)
     if batch is not None:
         prompt = cli_prompt(processor, args, 1)  # one image per prompt
-        model, processor = load(str(folder), args.device, args.dtype, args.quantize)
 
         def make_inputs(batch_images):
             return processor(text=[prompt] * len(batch_images),
                              images=[[image] for image in batch_images])
 
+        # a prompt that would fail every image fails before the load
+        batch.check_prompt(make_inputs, processor.tokenizer, cfg.text.max_position_embeddings)
+        model, processor = load(str(folder), args.device, args.dtype, args.quantize)
         batch.run(model, processor.decode, make_inputs, model.model.vision_model)
         return
     prompt = cli_prompt(processor, args, len(images))

@@ -1,20 +1,25 @@
 """--batch in the three CLIs (batch_runner.py): a folder of fixture images (valid ones of different
 sizes, a truncated PNG, a text file named .jpg) answered --batch-size at a time, one JSON line each;
-the lines equal the one-image CLI's answers; --output-jsonl and --resume after a killed run; the
-progress lines (stderr only), the tiles' encoding line and PerceptionLM's note on many tiles."""
+the lines equal the one-image CLI's answers (int8 too), whatever the batch size, even with an image
+too long for the context; --output-jsonl appended a batch at a time; --resume after a killed run,
+retrying failed images in their place, dropping a line cut by a crash, refusing a file made with
+other settings; temporary files that follow no planted link; the progress lines (stderr only), the
+tiles' encoding line and PerceptionLM's note on many tiles."""
 import json
 import os
 import signal
+import stat
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-import batch_runner  # noqa: F401
+import batch_runner
 import command_line
 import common
 import paligemma
@@ -31,6 +36,9 @@ FAMILIES = {"paligemma": (paligemma, paligemma_fixture, "pg2", "caption en"),
             "smolvlm": (smolvlm, smolvlm_fixture, "v1", "Describe this image."),
             "perception_lm": (perception_lm, perception_lm_fixture, "1b", "Describe the image.")}
 SIZES = [(90, 70), (50, 30), (64, 64), (31, 77), (40, 52)]
+# the flags of a family that change its answers, as each line's "settings" records them
+FAMILY_SETTINGS = {"paligemma": {"vae": None}, "smolvlm": {"raw": False},
+                   "perception_lm": {"raw": False, "max_tiles": None}}
 
 
 @pytest.fixture(scope="module")
@@ -77,8 +85,12 @@ def test_batch_lines_equal_one_image_answers(family, ckpt, tmp_path):
     assert [line["image"] for line in lines] == paths  # the input order, sorted, each once
     for line in lines:
         assert line["prompt"] == FAMILIES[family][3]
+        assert line["settings"] == {"model": str(ckpt[family]), "quantize": None,
+                                    "max_new_tokens": 8, "temperature": 0.0, "top_k": None,
+                                    "top_p": None, "seed": None, "dtype": "float32",
+                                    **FAMILY_SETTINGS[family]}
         if line["image"] in bad:
-            assert set(line) == {"image", "prompt", "error"}
+            assert set(line) == {"image", "prompt", "error", "settings"}
             assert "cannot be read" in line["error"] and "\n" not in line["error"]
             continue
         alone = cli_in_process(module, *args, "--image", line["image"])
@@ -194,6 +206,8 @@ def test_resume_after_a_killed_run(ckpt, tmp_path):
     assert lines[:len(first)] == first  # what was written is kept
     assert [json.loads(line)["image"] for line in lines] == paths
     whole = cli_in_process(smolvlm, *args[:-2])
+    assert whole.returncode == 0, whole.stderr
+    assert [json.loads(line)["image"] for line in whole.stdout.splitlines()] == paths
     for resumed_line, whole_line in zip(lines, whole.stdout.splitlines()):
         resumed_record = json.loads(resumed_line)
         whole_record = json.loads(whole_line)
@@ -209,8 +223,12 @@ def test_progress_goes_to_stderr_only(ckpt, tmp_path):
                            "--progress")
     assert quiet.returncode == shown.returncode == 0
     assert quiet.stderr == ""
-    assert len(shown.stdout.splitlines()) == len(paths)
-    assert all(json.loads(line)["text"] is not None for line in shown.stdout.splitlines())
+    quiet_lines = [json.loads(line) for line in quiet.stdout.splitlines()]
+    shown_lines = [json.loads(line) for line in shown.stdout.splitlines()]
+    assert [line["image"] for line in shown_lines] == paths
+    for line in quiet_lines + shown_lines:
+        assert "error" not in line and line.pop("seconds") > 0
+    assert shown_lines == quiet_lines  # the same answers, with or without progress
     progress = shown.stderr.splitlines()
     assert [line.split(" images,")[0] for line in progress] == ["2/5", "4/5", "5/5"]
     assert all("images/s" in line and line.endswith(" left") for line in progress)
@@ -275,9 +293,8 @@ def test_one_image_cli_shows_the_tiles_being_encoded(ckpt, tmp_path, monkeypatch
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize("batch", [False, True])
-def test_quantize_reaches_load(family, batch, ckpt, tmp_path, monkeypatch):
-    """--quantize is passed to load() on both paths, one image and --batch."""
+def test_quantize_reaches_load(family, ckpt, tmp_path, monkeypatch):
+    """--quantize is passed to load() on the one-image path."""
     module, _, _, prompt = FAMILIES[family]
     seen = []
 
@@ -287,8 +304,216 @@ def test_quantize_reaches_load(family, batch, ckpt, tmp_path, monkeypatch):
 
     monkeypatch.setattr(module, "load", fake_load)
     paths, _ = write_images(tmp_path / "images", bad=False)
-    source = ["--batch", str(tmp_path / "images")] if batch else ["--image", paths[0]]
-    r = cli_in_process(module, "--model", ckpt[family], *source, "--prompt", prompt,
+    r = cli_in_process(module, "--model", ckpt[family], "--image", paths[0], "--prompt", prompt,
                        "--quantize", "int8")
     assert_fails(r, "stopped after load")
     assert seen == ["int8"]
+
+
+def test_quantized_batch_equals_quantized_one_image_answers(ckpt, tmp_path):
+    """A real int8 --batch: its lines are the one-image CLI's answers with --quantize int8, and
+    (int8 changes some answer of this fixture) not all the float32 ones."""
+    paths, _ = write_images(tmp_path / "photos", bad=False)
+    module, args = base_args("smolvlm", ckpt)
+    r = cli_in_process(module, *args, "--batch", *paths, "--batch-size", 3, "--quantize", "int8")
+    assert r.returncode == 0, r.stderr
+    lines = [json.loads(line) for line in r.stdout.splitlines()]
+    assert [line["image"] for line in lines] == paths
+    float32 = []
+    for line in lines:
+        assert line["settings"]["quantize"] == "int8"
+        alone = cli_in_process(module, *args, "--image", line["image"], "--quantize", "int8")
+        assert alone.returncode == 0, alone.stderr
+        assert alone.stdout == line["text"] + "\n"
+        float32.append(cli_in_process(module, *args, "--image", line["image"]).stdout)
+    assert float32 != [line["text"] + "\n" for line in lines]
+
+
+def records(text):
+    """JSON lines -> their records without the timings (which differ from run to run)."""
+    out = []
+    for line in text.splitlines():
+        record = json.loads(line)
+        record.pop("seconds", None)
+        out.append(record)
+    return out
+
+
+def test_resume_retries_failed_images_in_their_place(ckpt, tmp_path):
+    """A kept line with an error is an image to do again: its new line takes the old one's place
+    (input order, even when a later batch appends it), the lines kept stay as they were, and an
+    image that fails again still has one line."""
+    paths, bad = write_images(tmp_path / "photos")
+    module, args = base_args("smolvlm", ckpt)
+    out = tmp_path / "labels.jsonl"
+    batch = ["--batch", tmp_path / "photos", "--output-jsonl", out]
+    first = cli_in_process(module, *args, *batch, "--batch-size", 2)
+    assert first.stderr == "error: 2 of 7 images failed (their lines say why)\n"
+    good = [line for line in out.read_text().splitlines() if "error" not in json.loads(line)]
+    assert len(good) == 5
+    Image.open(paths[0]).save(bad[0])  # the truncated PNG mended; the text file is still one
+    # one image a batch: the mended one rewrites the file, the other is appended after e.png
+    again = cli_in_process(module, *args, *batch, "--resume", "--batch-size", 1)
+    assert again.stderr == "error: 1 of 7 images failed (their lines say why)\n"
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [line["image"] for line in lines] == paths
+    assert "text" in lines[paths.index(bad[0])]
+    assert "cannot identify image file" in lines[paths.index(bad[1])]["error"]
+    Image.open(paths[3]).save(bad[1], format="JPEG")  # the text file becomes a picture
+    last = cli_in_process(module, *args, *batch, "--resume")
+    assert last.returncode == 0, last.stderr
+    assert set(good) <= set(out.read_text().splitlines())  # kept byte for byte
+    fresh = cli_in_process(module, *args, "--batch", tmp_path / "photos", "--batch-size", 2)
+    assert fresh.returncode == 0, fresh.stderr
+    assert records(out.read_text()) == records(fresh.stdout)  # each image once, in input order
+
+
+def test_resume_refuses_a_file_made_with_other_settings(ckpt, tmp_path):
+    """Each line records what its answer depends on; --resume with another prompt or such a flag
+    is one line, exit code 1, the file untouched. Flags that do not change answers may change."""
+    write_images(tmp_path / "photos", sizes=SIZES[:2], bad=False)
+    module, args = base_args("smolvlm", ckpt, n_tokens=2)
+    out = tmp_path / "labels.jsonl"
+    batch = ["--batch", tmp_path / "photos", "--output-jsonl", out, "--resume"]
+    assert cli_in_process(module, *args, *batch).returncode == 0
+    written = out.read_bytes()
+    (tmp_path / "link").symlink_to(ckpt["smolvlm"])  # the same files, named another way
+    others = {"--prompt": ["What is it?"], "--model": [tmp_path / "link"],
+              "--max-new-tokens": [3], "--temperature": [0.5], "--top-k": [3], "--top-p": [0.5],
+              "--seed": [1], "--quantize": ["int8"], "--dtype": ["bfloat16"], "--raw": []}
+    for flag, value in others.items():
+        r = cli_in_process(module, *args, *batch, flag, *value)
+        assert_fails(r, f"labels.jsonl line 1 was made with another {flag} (")
+        assert out.read_bytes() == written
+    same = cli_in_process(module, *args, *batch, "--batch-size", 1, "--progress")
+    assert same.returncode == 0 and same.stdout == "" and out.read_bytes() == written
+
+
+def test_resume_does_a_line_cut_by_a_crash_again(ckpt, tmp_path):
+    """A last line without its newline was cut by a crash: dropped, its image done again. A bad
+    line elsewhere, or an unfinished last one that is no line of ours, is refused."""
+    paths, _ = write_images(tmp_path / "photos", bad=False)
+    module, args = base_args("smolvlm", ckpt, n_tokens=4)
+    out = tmp_path / "labels.jsonl"
+    batch = ["--batch", tmp_path / "photos", "--batch-size", 2, "--output-jsonl", out]
+    assert cli_in_process(module, *args, *batch).returncode == 0
+    whole = out.read_bytes()
+    lines = whole.splitlines(keepends=True)
+    kept = whole[:-len(lines[-1])]
+    for cut in (len(whole) - 1, len(kept) + 30, len(kept) + 3):  # in the line, in '{"image"'
+        out.write_bytes(whole[:cut])
+        r = cli_in_process(module, *args, *batch, "--resume")
+        assert r.returncode == 0, r.stderr
+        assert out.read_bytes().startswith(kept)
+        assert records(out.read_text()) == records(whole.decode())
+    for number, text in ((2, b"".join([lines[0], b"not json\n"] + lines[2:])),
+                         (6, whole + b"earlier notes")):
+        out.write_bytes(text)
+        r = cli_in_process(module, *args, *batch, "--resume")
+        assert_fails(r, f"labels.jsonl line {number} is not a line --output-jsonl writes")
+        assert out.read_bytes() == text
+
+
+class FakeModel(torch.nn.Module):
+    """A stand-in for a model in Batch.run: every image's answer is the ids 5, 6, 7 and the end
+    token 2, computed from nothing."""
+    stop = {2}
+
+    def __init__(self):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.zeros(1))
+
+    def generate(self, input_ids, max_new_tokens, temperature, top_k, top_p, seed):
+        return torch.tensor([[5, 6, 7, 2]] * len(input_ids))
+
+
+def bytes_written():
+    """What this process has passed to write() so far (Linux counts it in /proc/self/io)."""
+    for line in open("/proc/self/io").read().splitlines():
+        if line.startswith("wchar:"):
+            return int(line.split()[1])
+
+
+def test_output_jsonl_appends_each_batch(tmp_path, monkeypatch):
+    """3,000 images, 10 a batch, into --output-jsonl: each batch writes its own lines and no more
+    (the bytes this process writes, counted between batches), not the whole file so far."""
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for i in range(3000):
+        Image.new("RGB", (2, 2)).save(folder / f"{i:04d}.png")
+    out = tmp_path / "labels.jsonl"
+    args = command_line.cli_parser("", "fake").parse_args(
+        ["--batch", str(folder), "--batch-size", "10", "--output-jsonl", str(out), "--progress",
+         "--dtype", "float32"])
+    counts = [bytes_written()]
+
+    def after_each_batch(text, terminal):
+        counts.append(bytes_written())
+
+    def make_inputs(images):
+        return {"input_ids": torch.zeros(len(images), 1, dtype=torch.long)}
+
+    def decode(ids):
+        return "an answer"
+
+    monkeypatch.setattr(batch_runner, "show_status", after_each_batch)
+    batch_runner.Batch(args).run(FakeModel(), decode, make_inputs, torch.nn.Identity())
+    per_batch = [later - earlier for earlier, later in zip(counts, counts[1:])]
+    lines = out.read_text().splitlines()
+    assert len(per_batch) == 300 and len(lines) == 3000
+    assert [json.loads(line)["image"] for line in lines] == [str(folder / f"{i:04d}.png")
+                                                              for i in range(3000)]
+    batch_bytes = len(out.read_bytes()) / 300
+    assert min(per_batch) > 0.9 * batch_bytes and max(per_batch) < 1.1 * batch_bytes
+
+
+def test_one_long_image_fails_only_itself(ckpt, tmp_path):
+    """A SmolVLM fixture with a context of 100 tokens: with 8 new tokens a 90x70 picture (a prompt
+    of 122 tokens) cannot be answered, the others (47 to 74) can. A batch with it fails and is
+    done again row by row: every line is the same with --batch-size 1 and 3."""
+    short = tmp_path / "short context"
+    short.mkdir()
+    for f in Path(ckpt["smolvlm"]).iterdir():
+        if f.name != "config.json":
+            (short / f.name).symlink_to(f)
+    config = json.loads((Path(ckpt["smolvlm"]) / "config.json").read_text())
+    config["text_config"]["max_position_embeddings"] = 100
+    (short / "config.json").write_text(json.dumps(config))
+    paths, _ = write_images(tmp_path / "photos", sizes=[(400, 10), (90, 70), (10, 400), (31, 77)],
+                            bad=False)
+    module, args = base_args("smolvlm", {"smolvlm": short})
+    by_size = {}
+    for size in (1, 3):
+        r = cli_in_process(module, *args, "--batch", tmp_path / "photos", "--batch-size", size)
+        assert r.stderr == "error: 1 of 4 images failed (their lines say why)\n"
+        by_size[size] = records(r.stdout)
+    assert by_size[3] == by_size[1]
+    assert [line["image"] for line in by_size[3]] == paths
+    assert "exceed the model's context of 100 tokens" in by_size[3][1]["error"]
+    assert all("text" in line for line in by_size[3][:1] + by_size[3][2:])
+
+
+def test_temporary_files_follow_no_planted_link(ckpt, tmp_path):
+    """A link planted at the temporary name the writes used to take ({path}.{pid}.tmp), pointing
+    at a victim: --output-jsonl and PaliGemma's --output write their files, each with the
+    permissions open() gives, and the victim stays as it was."""
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    paths, _ = write_images(tmp_path / "photos", sizes=SIZES[:1], bad=False)
+    module, args = base_args("paligemma", ckpt)
+    out = tmp_path / "labels.jsonl"
+    picture = tmp_path / "drawn.png"
+    for target in (out, picture):
+        Path(f"{target}.{os.getpid()}.tmp").symlink_to(victim)
+    r = cli_in_process(module, *args, "--batch", paths[0], "--output-jsonl", out)
+    assert r.returncode == 0, r.stderr
+    r = cli_in_process(module, *args, "--image", paths[0], "--output", picture)
+    assert r.returncode == 0, r.stderr
+    assert victim.read_text() == "precious"
+    assert [json.loads(line)["image"] for line in out.read_text().splitlines()] == paths
+    assert Image.open(picture).size == Image.open(paths[0]).size
+    umask = os.umask(0o022)
+    os.umask(umask)
+    for target in (out, picture):
+        assert not target.is_symlink() and stat.S_IMODE(target.stat().st_mode) == 0o666 & ~umask
+    assert len(os.listdir(tmp_path)) == 6  # the victim, photos, the two files, the two links

@@ -610,6 +610,71 @@ def test_non_finite_logits(family, cause, ckpt, media, tmp_path):
             assert r.returncode == 0 and r.stderr == "" and len(r.stdout) > 1, r.stderr
 
 
+# ----------------------------------------------------------------------------- --batch
+
+def refuse_to_load(monkeypatch, family):
+    """The family's load() replaced by one that records that it was called -> those calls."""
+    calls = []
+
+    def load(model=None, device=None, dtype=None, quantize=None):
+        calls.append(model)
+        raise VLMError("the model was loaded")
+
+    monkeypatch.setattr(MODULES[family], "load", load)
+    return calls
+
+
+@pytest.mark.parametrize("flag", ["--output-jsonl", "--resume", "--batch-size", "--recursive"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_batch_flags_without_batch(family, flag, ckpt, media, tmp_path, monkeypatch):
+    """A --batch option with --image would do nothing: refused before the load."""
+    given = {"--output-jsonl": [flag, tmp_path / "out.jsonl"], "--batch-size": [flag, 2]}
+    calls = refuse_to_load(monkeypatch, family)
+    r = cli(family, ckpt, "--image", media["good"], *given.get(flag, [flag]))
+    assert_fails(r, f"{flag} is a --batch option: give --batch PATH... with it")
+    assert calls == [] and not (tmp_path / "out.jsonl").exists()
+
+
+# (family, case) -> --batch flags and what the one line says: each would fail every image
+RUN_WIDE = {
+    ("paligemma", "--compile"): (["--compile"], "--compile is SmolVLM's for now"),
+    ("perception_lm", "--compile"): (["--compile"], "--compile is SmolVLM's for now"),
+    ("smolvlm", "--compile on CUDA"):
+        (["--compile"], "--compile is verified on the CPU only, not on cuda"),
+    ("perception_lm", "--raw without <|image|>"):
+        (["--raw", "--prompt", "no placeholder"],
+         "the prompts have 0 <|image|> placeholders but 1 images were given"),
+    **{(family, "two image placeholders"):
+       (SPEC[family]["two_placeholders"], SPEC[family]["placeholder_error"])
+       for family in FAMILIES},
+    **{(family, "prompt longer than the context"):
+       (["--prompt", SPEC[family]["long_prompt"]], "exceed the model's context of")
+       for family in FAMILIES},
+    **{(family, "--max-new-tokens past the context"):
+       (["--max-new-tokens", "20000"], "plus --max-new-tokens (20000) exceed the model's context")
+       for family in FAMILIES},
+    **{(family, "--batch-size 0"): (["--batch-size", "0"], "batch-size must be positive, got 0")
+       for family in FAMILIES},
+    **{(family, "--dtype float64"): (["--dtype", "float64"], "unknown dtype torch.float64")
+       for family in FAMILIES},
+}
+
+
+@pytest.mark.parametrize("family, case", RUN_WIDE)
+def test_run_wide_errors_fail_once_before_the_load(family, case, ckpt, media, monkeypatch):
+    """--batch with a setting that would fail every image: one line, exit code 1, and the model
+    is never loaded (its load() records a call)."""
+    args, message = RUN_WIDE[family, case]
+    if case == "--compile on CUDA":  # as on a machine with CUDA: the default device
+        import command_line
+        monkeypatch.setattr(command_line, "choose_device_and_dtype",
+                            lambda device, dtype: (torch.device("cuda"), torch.bfloat16))
+    calls = refuse_to_load(monkeypatch, family)
+    r = cli(family, ckpt, "--batch", media["good"], media["base"], *args)
+    assert_fails(r, message)
+    assert calls == []
+
+
 # ----------------------------------------------------------------------------- security
 
 class Payload:
