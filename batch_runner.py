@@ -1,60 +1,29 @@
 """The --batch runner: answer one prompt for many images (files, folders, glob patterns), one JSON
-line each, in input order, with the model loaded once; --output-jsonl and --resume; atomic writes.
+line each, in input order, with the model loaded once; --output-jsonl and --resume. Each family's
+batch_answerer builds the per-batch code path (Answerer).
 
-A tool: the model files import it in their command-line part when --batch is given (PaliGemma's
---output also uses write_atomically); it imports common.py and command_line.py.
+A tool: the model files import it in their command-line part when --batch is given; it imports
+common.py, command_line.py, atomic_file.py and image_files.py.
 """
-import glob
 import json
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 from PIL import Image
 
+from atomic_file import write_atomically
 from command_line import BATCH_SIZE, compile_option, encoding_progress, show_status
 from common import VLMError, choose_device_and_dtype, first_line, open_image
+from image_files import batch_paths
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 # The flags that change an answer, recorded in each line's "settings" (with the prompt and the
 # dtype): --resume refuses a file made with others. Those left out (--device, --compile,
 # --batch-size, --progress, ...) change how fast an answer comes, not what it is.
 ANSWER_FLAGS = ("model", "quantize", "max_new_tokens", "temperature", "top_k", "top_p", "seed",
                 "raw", "max_tiles", "vae")
 LINE_START = b'{"image": '  # every line we write starts so: json.dumps keeps "image" first
-
-
-def folder_images(folder, recursive):
-    """The image files of a folder (by suffix; hidden files left out), sorted."""
-    files = folder.rglob("*") if recursive else folder.iterdir()
-    images = [path for path in files if path.is_file() and not path.name.startswith(".")
-              and path.suffix.lower() in IMAGE_SUFFIXES]
-    return sorted(images)
-
-
-def batch_paths(patterns, recursive):
-    """--batch's files, folders and glob patterns -> image paths (str) in order, each once. A
-    pattern or a folder that gives no file is an error, as is a path that does not exist."""
-    paths = []
-    for pattern in patterns:
-        path = Path(pattern)
-        if path.is_dir():
-            found = folder_images(path, recursive)
-            if not found:
-                raise VLMError(f"folder {pattern} holds no images ({' '.join(IMAGE_SUFFIXES)})")
-        elif path.exists():
-            found = [path]
-        elif glob.has_magic(pattern):
-            matches = sorted(glob.glob(pattern, recursive=True))
-            found = [Path(match) for match in matches if Path(match).is_file()]
-            if not found:
-                raise VLMError(f"pattern {pattern} matches no file")
-        else:
-            raise VLMError(f"{pattern}: no such file or folder")
-        paths += [str(found_path) for found_path in found]
-    return list(dict.fromkeys(paths))  # each image once, first place kept
 
 
 def run_settings(args):
@@ -98,42 +67,6 @@ def read_jsonl(path, prompt, settings):
     return kept, failed
 
 
-def write_atomically(path, write):
-    """The whole file or nothing: `write(f)` writes the contents into `f`, a new temporary file
-    beside `path` open for binary writing (made by mkstemp: a fresh name, created exclusively, so
-    no link planted in the folder is followed). It is synced, renamed over `path`, and the rename
-    synced (the folder)."""
-    folder = Path(path).absolute().parent
-    temporary = None
-    try:
-        descriptor, temporary = tempfile.mkstemp(prefix=f".{Path(path).name}.", suffix=".tmp",
-                                                 dir=folder)
-        os.fchmod(descriptor, new_file_mode())  # not mkstemp's 0600, which hides it from others
-        with os.fdopen(descriptor, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(temporary, path)
-        temporary = None
-        folder_descriptor = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(folder_descriptor)
-        finally:
-            os.close(folder_descriptor)
-    except OSError as e:
-        raise VLMError(f"cannot write {path} ({e.strerror or e})") from None
-    finally:
-        if temporary is not None:  # a failure or an interrupt before the rename
-            Path(temporary).unlink(missing_ok=True)
-
-
-def new_file_mode():
-    """What open() gives a new file: 0666 less the umask (which can only be read by setting it)."""
-    umask = os.umask(0o022)
-    os.umask(umask)
-    return 0o666 & ~umask
-
-
 def open_images(paths):
     """-> [(path, PIL image, or the one line saying why it cannot be read)]"""
     items = []
@@ -143,6 +76,19 @@ def open_images(paths):
         except VLMError as e:
             items.append((path, first_line(e)))
     return items
+
+
+def check_prompt(make_inputs, tokenizer, context, args):
+    """Before the load, what would fail every image fails once: the processor's check of the
+    prompt (its image placeholders) on a probe image, and the context: the prompt's own text
+    tokens (no image's) plus --max-new-tokens (in `args`, the command line's) must fit."""
+    inputs = make_inputs([Image.new("RGB", (64, 64), "gray")])
+    added = tokenizer.get_added_tokens_decoder()  # image and template tokens among them
+    n_text = sum(token not in added for token in inputs["input_ids"][0].tolist())
+    if n_text + args.max_new_tokens > context:
+        raise VLMError(f"the prompt's text alone ({n_text} tokens, no image's) plus "
+                       f"--max-new-tokens ({args.max_new_tokens}) exceed the model's context of "
+                       f"{context} tokens: every image would fail")
 
 
 class Answerer:
@@ -160,6 +106,9 @@ class Answerer:
         self.describe = describe
         self.settings = run_settings(args)
         self.shown = args.progress or sys.stderr.isatty()
+        device = next(model.parameters()).device
+        # images generated together (Batch.run's batches): --batch-size, else the device's default
+        self.batch_size = args.batch_size or BATCH_SIZE.get(device.type, BATCH_SIZE["cpu"])
 
     def __call__(self, items):
         images = {path: image for path, image in items if not isinstance(image, str)}
@@ -245,24 +194,12 @@ class Batch:
         self.failed = 0
         self.shown = args.progress or sys.stderr.isatty()
 
-    def check_prompt(self, make_inputs, tokenizer, context):
-        """Before the load, what would fail every image fails once: the processor's check of the
-        prompt (its image placeholders) on a probe image, and the context: the prompt's own text
-        tokens (no image's) plus --max-new-tokens must fit."""
-        inputs = make_inputs([Image.new("RGB", (64, 64), "gray")])
-        added = tokenizer.get_added_tokens_decoder()  # image and template tokens among them
-        n_text = sum(token not in added for token in inputs["input_ids"][0].tolist())
-        if n_text + self.args.max_new_tokens > context:
-            raise VLMError(f"the prompt's text alone ({n_text} tokens, no image's) plus "
-                           f"--max-new-tokens ({self.args.max_new_tokens}) exceed the model's "
-                           f"context of {context} tokens: every image would fail")
-
-    def run(self, model, decode, make_inputs, vision, describe=None):
-        """Answer every image still to do (see Answerer for the arguments). Failed images carry
-        an "error" and make the run an error at the end."""
-        answer = Answerer(model, decode, make_inputs, vision, self.args, describe)
-        device = next(model.parameters()).device
-        size = self.args.batch_size or BATCH_SIZE.get(device.type, BATCH_SIZE["cpu"])
+    def run(self, batch_answerer):
+        """Answer every image still to do with the Answerer `batch_answerer(args)` makes (the
+        family's: it loads the model, once the images are found). Failed images carry an
+        "error" and make the run an error at the end."""
+        answer = batch_answerer(self.args)
+        size = answer.batch_size
         terminal = sys.stderr.isatty()
         start = time.perf_counter()
         total = len(self.todo)
@@ -331,3 +268,4 @@ def progress_text(done, total, start):
     rate = done / (time.perf_counter() - start)
     minutes, seconds = divmod(round((total - done) / rate), 60)
     return f"{done}/{total} images, {rate:.2f} images/s, {minutes}:{seconds:02d} left"
+
