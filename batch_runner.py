@@ -1,10 +1,14 @@
 """The --batch runner: answer one prompt for many images (files, folders, glob patterns), one JSON
 line each, in input order, with the model loaded once; --output-jsonl and --resume. Each family's
-batch_answerer builds the per-batch code path (Answerer).
+batch_answerer builds the per-batch code path (Answerer); DatasetAnswerer runs the same path over a
+Ray Data dataset, on many machines.
 
-A tool: the model files import it in their command-line part when --batch is given; it imports
-common.py, command_line.py, atomic_file.py and image_files.py.
+A tool: the model files import it in their command-line part when --batch is given, and Ray's
+actors for DatasetAnswerer (examples/ray_batch.py); it imports common.py, command_line.py,
+atomic_file.py, image_files.py (and a model file, in DatasetAnswerer), never Ray.
 """
+import importlib
+import io
 import json
 import os
 import sys
@@ -67,15 +71,34 @@ def read_jsonl(path, prompt, settings):
     return kept, failed
 
 
-def open_images(paths):
-    """-> [(path, PIL image, or the one line saying why it cannot be read)]"""
+def open_images(paths, contents=None):
+    """-> [(path, PIL image, or the one line saying why it cannot be read)]. `contents`: the files'
+    bytes, read already (a Ray dataset's), else the files are read from `paths`."""
     items = []
-    for path in paths:
+    for row, path in enumerate(paths):
+        source = path
+        if contents is not None:
+            source = NamedBytes(contents[row], path)
         try:
-            items.append((path, open_image(path)))
+            items.append((path, open_image(source)))
         except VLMError as e:
             items.append((path, first_line(e)))
     return items
+
+
+class NamedBytes(io.BytesIO):
+    """A file's bytes in memory, named by the file's path: open_image's message about them (PIL's
+    within it too) is the one --batch gives about the file."""
+
+    def __init__(self, data, path):
+        super().__init__(data)
+        self.path = path
+
+    def __str__(self):
+        return self.path
+
+    def __repr__(self):  # PIL names a file object it cannot identify by its repr
+        return repr(self.path)
 
 
 def check_prompt(make_inputs, tokenizer, context, args):
@@ -269,3 +292,60 @@ def progress_text(done, total, start):
     minutes, seconds = divmod(round((total - done) / rate), 60)
     return f"{done}/{total} images, {rate:.2f} images/s, {minutes}:{seconds:02d} left"
 
+
+# ------------------------------------------------------------ many machines: Ray Data
+
+FAMILIES = ("paligemma", "smolvlm", "perception_lm")  # the model files, by module name
+
+
+def family_args(family, model, prompt, max_new_tokens=100, dtype=None, quantize=None,
+                device=None, options=()):
+    """A family's model file and the arguments its command line gives for these values (its
+    parser's defaults, its checks: a bad flag fails here in one line); `options`: more of its
+    flags as typed, say ["--raw"], ["--max-tiles", "4"], ["--temperature", "0.7", "--seed", "1"].
+    model None: the family's default."""
+    if family not in FAMILIES:
+        raise VLMError(f"no family {family!r}: one of {', '.join(FAMILIES)}")
+    module = importlib.import_module(family)
+    argv = ["--prompt", prompt, "--max-new-tokens", str(max_new_tokens), *options]
+    for flag, value in (("--model", model), ("--dtype", dtype), ("--quantize", quantize),
+                        ("--device", device)):
+        if value is not None:
+            argv += [flag, value]
+    return module, module.parse_args(argv)
+
+
+class DatasetAnswerer:
+    """--batch's answers over a Ray Data dataset, on as many machines as the cluster has:
+    `dataset.map_batches(DatasetAnswerer, fn_constructor_kwargs={"family": ..., "model": ...,
+    "prompt": ...}, concurrency=N)` builds one in each of N actors, which loads the model once
+    (family_args says what the arguments mean). A batch holds "path" (include_paths=True) and
+    either the files' "bytes" (read_binary_files: decoded here as --batch opens a file, EXIF
+    rotation too, and an unreadable one is an error line with --batch's message) or decoded
+    "image" pixels (read_images, which fails on an unreadable file). -> the --batch lines' fields
+    as columns: every row has every field, null where its line has none (a good row's error; a
+    failed row's text, tokens, seconds, objects)."""
+
+    def __init__(self, family, model, prompt, max_new_tokens=100, dtype=None, quantize=None,
+                 device=None, batch_size=None, options=()):
+        module, args = family_args(family, model, prompt, max_new_tokens, dtype, quantize, device,
+                                   options)
+        self.answer = module.batch_answerer(args)  # --batch's own: the check, then the load
+        self.batch_size = batch_size or self.answer.batch_size
+        described = ()
+        if self.answer.describe is not None:  # a family's fields (PaliGemma's objects), in order
+            described = tuple(self.answer.describe("", Image.new("RGB", (64, 64))))
+        # Arrow needs the same columns in every batch, whatever its rows hold
+        self.columns = ("image", "prompt", "text", "tokens", "seconds", *described, "error",
+                        "settings")
+
+    def __call__(self, batch):
+        paths = [str(path) for path in batch["path"]]  # read with include_paths=True
+        if "bytes" in batch:
+            items = open_images(paths, batch["bytes"])
+        else:
+            items = [(path, Image.fromarray(pixels)) for path, pixels in zip(paths, batch["image"])]
+        records = []
+        for first in range(0, len(items), self.batch_size):
+            records += self.answer(items[first:first + self.batch_size])
+        return {column: [record.get(column) for record in records] for column in self.columns}
