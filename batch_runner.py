@@ -1,60 +1,33 @@
 """The --batch runner: answer one prompt for many images (files, folders, glob patterns), one JSON
-line each, in input order, with the model loaded once; --output-jsonl and --resume; atomic writes.
+line each, in input order, with the model loaded once; --output-jsonl and --resume. Each family's
+batch_answerer builds the per-batch code path (Answerer); DatasetAnswerer runs the same path over a
+Ray Data dataset, on many machines.
 
-A tool: the model files import it in their command-line part when --batch is given (PaliGemma's
---output also uses write_atomically); it imports common.py and command_line.py.
+A tool: the model files import it in their command-line part when --batch is given, and Ray's
+actors for DatasetAnswerer (examples/ray_batch.py); it imports common.py, command_line.py,
+atomic_file.py, image_files.py (and a model file, in DatasetAnswerer), never Ray.
 """
-import glob
+import importlib
+import io
 import json
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 from PIL import Image
 
+from atomic_file import write_atomically
 from command_line import BATCH_SIZE, compile_option, encoding_progress, show_status
 from common import VLMError, choose_device_and_dtype, first_line, open_image
+from image_files import batch_paths
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 # The flags that change an answer, recorded in each line's "settings" (with the prompt and the
 # dtype): --resume refuses a file made with others. Those left out (--device, --compile,
 # --batch-size, --progress, ...) change how fast an answer comes, not what it is.
 ANSWER_FLAGS = ("model", "quantize", "max_new_tokens", "temperature", "top_k", "top_p", "seed",
                 "raw", "max_tiles", "vae")
 LINE_START = b'{"image": '  # every line we write starts so: json.dumps keeps "image" first
-
-
-def folder_images(folder, recursive):
-    """The image files of a folder (by suffix; hidden files left out), sorted."""
-    files = folder.rglob("*") if recursive else folder.iterdir()
-    images = [path for path in files if path.is_file() and not path.name.startswith(".")
-              and path.suffix.lower() in IMAGE_SUFFIXES]
-    return sorted(images)
-
-
-def batch_paths(patterns, recursive):
-    """--batch's files, folders and glob patterns -> image paths (str) in order, each once. A
-    pattern or a folder that gives no file is an error, as is a path that does not exist."""
-    paths = []
-    for pattern in patterns:
-        path = Path(pattern)
-        if path.is_dir():
-            found = folder_images(path, recursive)
-            if not found:
-                raise VLMError(f"folder {pattern} holds no images ({' '.join(IMAGE_SUFFIXES)})")
-        elif path.exists():
-            found = [path]
-        elif glob.has_magic(pattern):
-            matches = sorted(glob.glob(pattern, recursive=True))
-            found = [Path(match) for match in matches if Path(match).is_file()]
-            if not found:
-                raise VLMError(f"pattern {pattern} matches no file")
-        else:
-            raise VLMError(f"{pattern}: no such file or folder")
-        paths += [str(found_path) for found_path in found]
-    return list(dict.fromkeys(paths))  # each image once, first place kept
 
 
 def run_settings(args):
@@ -98,51 +71,47 @@ def read_jsonl(path, prompt, settings):
     return kept, failed
 
 
-def write_atomically(path, write):
-    """The whole file or nothing: `write(f)` writes the contents into `f`, a new temporary file
-    beside `path` open for binary writing (made by mkstemp: a fresh name, created exclusively, so
-    no link planted in the folder is followed). It is synced, renamed over `path`, and the rename
-    synced (the folder)."""
-    folder = Path(path).absolute().parent
-    temporary = None
-    try:
-        descriptor, temporary = tempfile.mkstemp(prefix=f".{Path(path).name}.", suffix=".tmp",
-                                                 dir=folder)
-        os.fchmod(descriptor, new_file_mode())  # not mkstemp's 0600, which hides it from others
-        with os.fdopen(descriptor, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(temporary, path)
-        temporary = None
-        folder_descriptor = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(folder_descriptor)
-        finally:
-            os.close(folder_descriptor)
-    except OSError as e:
-        raise VLMError(f"cannot write {path} ({e.strerror or e})") from None
-    finally:
-        if temporary is not None:  # a failure or an interrupt before the rename
-            Path(temporary).unlink(missing_ok=True)
-
-
-def new_file_mode():
-    """What open() gives a new file: 0666 less the umask (which can only be read by setting it)."""
-    umask = os.umask(0o022)
-    os.umask(umask)
-    return 0o666 & ~umask
-
-
-def open_images(paths):
-    """-> [(path, PIL image, or the one line saying why it cannot be read)]"""
+def open_images(paths, contents=None):
+    """-> [(path, PIL image, or the one line saying why it cannot be read)]. `contents`: the files'
+    bytes, read already (a Ray dataset's), else the files are read from `paths`."""
     items = []
-    for path in paths:
+    for row, path in enumerate(paths):
+        source = path
+        if contents is not None:
+            source = NamedBytes(contents[row], path)
         try:
-            items.append((path, open_image(path)))
+            items.append((path, open_image(source)))
         except VLMError as e:
             items.append((path, first_line(e)))
     return items
+
+
+class NamedBytes(io.BytesIO):
+    """A file's bytes in memory, named by the file's path: open_image's message about them (PIL's
+    within it too) is the one --batch gives about the file."""
+
+    def __init__(self, data, path):
+        super().__init__(data)
+        self.path = path
+
+    def __str__(self):
+        return self.path
+
+    def __repr__(self):  # PIL names a file object it cannot identify by its repr
+        return repr(self.path)
+
+
+def check_prompt(make_inputs, tokenizer, context, args):
+    """Before the load, what would fail every image fails once: the processor's check of the
+    prompt (its image placeholders) on a probe image, and the context: the prompt's own text
+    tokens (no image's) plus --max-new-tokens (in `args`, the command line's) must fit."""
+    inputs = make_inputs([Image.new("RGB", (64, 64), "gray")])
+    added = tokenizer.get_added_tokens_decoder()  # image and template tokens among them
+    n_text = sum(token not in added for token in inputs["input_ids"][0].tolist())
+    if n_text + args.max_new_tokens > context:
+        raise VLMError(f"the prompt's text alone ({n_text} tokens, no image's) plus "
+                       f"--max-new-tokens ({args.max_new_tokens}) exceed the model's context of "
+                       f"{context} tokens: every image would fail")
 
 
 class Answerer:
@@ -160,6 +129,9 @@ class Answerer:
         self.describe = describe
         self.settings = run_settings(args)
         self.shown = args.progress or sys.stderr.isatty()
+        device = next(model.parameters()).device
+        # images generated together (Batch.run's batches): --batch-size, else the device's default
+        self.batch_size = args.batch_size or BATCH_SIZE.get(device.type, BATCH_SIZE["cpu"])
 
     def __call__(self, items):
         images = {path: image for path, image in items if not isinstance(image, str)}
@@ -245,24 +217,12 @@ class Batch:
         self.failed = 0
         self.shown = args.progress or sys.stderr.isatty()
 
-    def check_prompt(self, make_inputs, tokenizer, context):
-        """Before the load, what would fail every image fails once: the processor's check of the
-        prompt (its image placeholders) on a probe image, and the context: the prompt's own text
-        tokens (no image's) plus --max-new-tokens must fit."""
-        inputs = make_inputs([Image.new("RGB", (64, 64), "gray")])
-        added = tokenizer.get_added_tokens_decoder()  # image and template tokens among them
-        n_text = sum(token not in added for token in inputs["input_ids"][0].tolist())
-        if n_text + self.args.max_new_tokens > context:
-            raise VLMError(f"the prompt's text alone ({n_text} tokens, no image's) plus "
-                           f"--max-new-tokens ({self.args.max_new_tokens}) exceed the model's "
-                           f"context of {context} tokens: every image would fail")
-
-    def run(self, model, decode, make_inputs, vision, describe=None):
-        """Answer every image still to do (see Answerer for the arguments). Failed images carry
-        an "error" and make the run an error at the end."""
-        answer = Answerer(model, decode, make_inputs, vision, self.args, describe)
-        device = next(model.parameters()).device
-        size = self.args.batch_size or BATCH_SIZE.get(device.type, BATCH_SIZE["cpu"])
+    def run(self, batch_answerer):
+        """Answer every image still to do with the Answerer `batch_answerer(args)` makes (the
+        family's: it loads the model, once the images are found). Failed images carry an
+        "error" and make the run an error at the end."""
+        answer = batch_answerer(self.args)
+        size = answer.batch_size
         terminal = sys.stderr.isatty()
         start = time.perf_counter()
         total = len(self.todo)
@@ -331,3 +291,61 @@ def progress_text(done, total, start):
     rate = done / (time.perf_counter() - start)
     minutes, seconds = divmod(round((total - done) / rate), 60)
     return f"{done}/{total} images, {rate:.2f} images/s, {minutes}:{seconds:02d} left"
+
+
+# ------------------------------------------------------------ many machines: Ray Data
+
+FAMILIES = ("paligemma", "smolvlm", "perception_lm")  # the model files, by module name
+
+
+def family_args(family, model, prompt, max_new_tokens=100, dtype=None, quantize=None,
+                device=None, options=()):
+    """A family's model file and the arguments its command line gives for these values (its
+    parser's defaults, its checks: a bad flag fails here in one line); `options`: more of its
+    flags as typed, say ["--raw"], ["--max-tiles", "4"], ["--temperature", "0.7", "--seed", "1"].
+    model None: the family's default."""
+    if family not in FAMILIES:
+        raise VLMError(f"no family {family!r}: one of {', '.join(FAMILIES)}")
+    module = importlib.import_module(family)
+    argv = ["--prompt", prompt, "--max-new-tokens", str(max_new_tokens), *options]
+    for flag, value in (("--model", model), ("--dtype", dtype), ("--quantize", quantize),
+                        ("--device", device)):
+        if value is not None:
+            argv += [flag, value]
+    return module, module.parse_args(argv)
+
+
+class DatasetAnswerer:
+    """--batch's answers over a Ray Data dataset, on as many machines as the cluster has:
+    `dataset.map_batches(DatasetAnswerer, fn_constructor_kwargs={"family": ..., "model": ...,
+    "prompt": ...}, concurrency=N)` builds one in each of N actors, which loads the model once
+    (family_args says what the arguments mean). A batch holds "path" (include_paths=True) and
+    either the files' "bytes" (read_binary_files: decoded here as --batch opens a file, EXIF
+    rotation too, and an unreadable one is an error line with --batch's message) or decoded
+    "image" pixels (read_images, which fails on an unreadable file). -> the --batch lines' fields
+    as columns: every row has every field, null where its line has none (a good row's error; a
+    failed row's text, tokens, seconds, objects)."""
+
+    def __init__(self, family, model, prompt, max_new_tokens=100, dtype=None, quantize=None,
+                 device=None, batch_size=None, options=()):
+        module, args = family_args(family, model, prompt, max_new_tokens, dtype, quantize, device,
+                                   options)
+        self.answer = module.batch_answerer(args)  # --batch's own: the check, then the load
+        self.batch_size = batch_size or self.answer.batch_size
+        described = ()
+        if self.answer.describe is not None:  # a family's fields (PaliGemma's objects), in order
+            described = tuple(self.answer.describe("", Image.new("RGB", (64, 64))))
+        # Arrow needs the same columns in every batch, whatever its rows hold
+        self.columns = ("image", "prompt", "text", "tokens", "seconds", *described, "error",
+                        "settings")
+
+    def __call__(self, batch):
+        paths = [str(path) for path in batch["path"]]  # read with include_paths=True
+        if "bytes" in batch:
+            items = open_images(paths, batch["bytes"])
+        else:
+            items = [(path, Image.fromarray(pixels)) for path, pixels in zip(paths, batch["image"])]
+        records = []
+        for first in range(0, len(items), self.batch_size):
+            records += self.answer(items[first:first + self.batch_size])
+        return {column: [record.get(column) for record in records] for column in self.columns}

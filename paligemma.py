@@ -814,7 +814,7 @@ def write_detections(text, image, output=None, as_json=False, decoder=None):
         if not objects:
             print(f"the answer holds no object: {output} is the image unchanged", file=sys.stderr)
         picture = draw(image, objects, masks)
-        from batch_runner import write_atomically
+        from atomic_file import write_atomically
         write_atomically(output, partial(picture.save, format="PNG"))  # never a half-written PNG
     if as_json:
         print(json.dumps({"text": text, "objects": json_objects(objects, masks)}))
@@ -832,8 +832,9 @@ def json_objects(objects, masks):
 
 # ------------------------------------------------------------ command line
 
-def main(argv=None):
-    from command_line import check_flags, cli_parser, stream_answer
+def parse_args(argv=None):
+    """The command line's arguments, checked before anything slow (one line, exit code 1)."""
+    from command_line import check_flags, cli_parser
     p = cli_parser("Caption, answer questions about, detect or segment images with PaliGemma 1/2. "
                    "Prompts are task prefixes such as 'caption en', 'answer en <question>', "
                    "'detect cat', 'ocr'.", DEFAULT_MODEL)
@@ -842,27 +843,28 @@ def main(argv=None):
     check_flags(args)
     if args.compile:
         raise VLMError("--compile is SmolVLM's for now; decode without it")
-    batch = None
     if (args.output or args.json) and len(args.image) > 1:
         # the model reads the images together: the boxes of its one answer belong to none of them
         raise VLMError(f"--output and --json take one --image, not {len(args.image)}: an answer "
                        "about several images has boxes in none of them")
+    if args.batch and (args.output or args.json):
+        raise VLMError("--output and --json are for one --image; --batch lines carry the objects")
+    return args
+
+
+def main(argv=None):
+    from command_line import stream_answer
+    args = parse_args(argv)
     if args.batch:
-        if args.output or args.json:
-            raise VLMError("--output and --json are for one --image; --batch lines carry the "
-                           "objects")
         from batch_runner import Batch
-        batch = Batch(args)  # the images are found before the slow load
-    elif not args.image:
+        Batch(args).run(batch_answerer)  # the images are found before the slow load
+        return
+    if not args.image:
         raise VLMError("PaliGemma needs an image: pass --image FILE (or --batch PATH...)")
     images = [open_image(path) for path in args.image]  # fail on a bad image before the slow load
     decoder = None
-    # a bad mask decoder file fails before the slow load too; --batch segment lines need one
-    if args.vae or (batch is not None and args.prompt.startswith("segment")):
+    if args.vae:  # a bad mask decoder file fails before the slow load too
         decoder = load_mask_decoder(args.vae)
-    if batch is not None:
-        batch_main(batch, decoder)
-        return
     start = time.perf_counter()
     model, processor = load(args.model, args.device, args.dtype, args.quantize)
     load_seconds = time.perf_counter() - start
@@ -872,11 +874,15 @@ def main(argv=None):
     write_detections(answer, images[0], args.output, args.json, decoder)
 
 
-def batch_main(batch, decoder):
-    """--batch: each image with the one --prompt; each line adds the answer's objects (detect,
-    segment; masks with the mask decoder). A prompt that would fail every image fails before the
+def batch_answerer(args):
+    """--batch's answerer (batch_runner.Answerer; Ray's DatasetAnswerer uses it too): each image
+    with --prompt; each line adds the answer's objects (detect, segment; masks with the mask
+    decoder). A bad mask decoder file, or a prompt that would fail every image, fails before the
     load."""
-    args = batch.args
+    from batch_runner import Answerer, check_prompt
+    decoder = None
+    if args.vae or args.prompt.startswith("segment"):  # segment lines need the mask decoder
+        decoder = load_mask_decoder(args.vae)
     folder = resolve(args.model)
     processor = Processor(folder)
 
@@ -891,9 +897,9 @@ def batch_main(batch, decoder):
         return {"objects": json_objects(objects, masks)}
 
     context = Config.from_folder(folder).text.max_position_embeddings
-    batch.check_prompt(make_inputs, processor.tokenizer, context)
+    check_prompt(make_inputs, processor.tokenizer, context, args)
     model, processor = load(str(folder), args.device, args.dtype, args.quantize)
-    batch.run(model, processor.decode, make_inputs, model.vision_tower, describe)
+    return Answerer(model, processor.decode, make_inputs, model.vision_tower, args, describe)
 
 
 if __name__ == "__main__":

@@ -805,8 +805,9 @@ def load(model=DEFAULT_MODEL, device=None, dtype=None, quantize=None):
 
 # ------------------------------------------------------------ command line
 
-def main(argv=None):
-    from command_line import check_flags, cli_parser, stream_answer
+def parse_args(argv=None):
+    """The command line's arguments, checked before anything slow (one line, exit code 1)."""
+    from command_line import check_flags, cli_parser
     parser = cli_parser("Describe images and videos, or answer questions about them, with "
                         "PerceptionLM 1B/3B/8B.", DEFAULT_MODEL)
     parser.add_argument("--video", default=None,
@@ -828,21 +829,24 @@ def main(argv=None):
     for flag, value in (("num-frames", args.num_frames), ("max-tiles", args.max_tiles)):
         if value is not None and value <= 0:
             raise VLMError(f"{flag} must be positive, got {value}")
-    batch = None
+    if args.batch and args.video:
+        raise VLMError("--batch answers images: give --video without it")
+    return args
+
+
+def main(argv=None):
+    from command_line import stream_answer
+    args = parse_args(argv)
     if args.batch:
-        if args.video:
-            raise VLMError("--batch answers images: give --video without it")
         from batch_runner import Batch
-        batch = Batch(args)  # the images are found before the slow load
+        Batch(args).run(batch_answerer)  # the images are found before the slow load
+        return
     # fail on a bad image or video before the slow load
     images = [open_image(path) for path in args.image]
     videos = []
     if args.video:
         frames, _ = read_video(args.video, uniform_frames(args.num_frames))
         videos.append(frames)
-    if batch is not None:
-        batch_main(batch)
-        return
     start = time.perf_counter()
     model, processor = load(args.model, args.device, args.dtype, args.quantize)
     load_seconds = time.perf_counter() - start
@@ -883,10 +887,11 @@ def note_many_tiles(processor, images, max_tiles):
     return True
 
 
-def batch_main(batch):
-    """--batch: each image in the chat template with the one --prompt. A prompt that would fail
-    every image (say --raw without <|image|>) fails before the load."""
-    args = batch.args
+def batch_answerer(args):
+    """--batch's answerer (batch_runner.Answerer; Ray's DatasetAnswerer uses it too): each image
+    in the chat template with --prompt. A prompt that would fail every image (say --raw without
+    <|image|>) fails before the load."""
+    from batch_runner import Answerer, check_prompt
     folder = resolve(args.model)
     cfg = Config.from_folder(folder)
     processor = Processor(folder, cfg)
@@ -896,7 +901,7 @@ def batch_main(batch):
         return processor(text=[prompt] * len(images), images=images,
                          max_num_tiles=args.max_tiles)
 
-    batch.check_prompt(preprocess, processor.tokenizer, cfg.text.max_position_embeddings)
+    check_prompt(preprocess, processor.tokenizer, cfg.text.max_position_embeddings, args)
     model, processor = load(str(folder), args.device, args.dtype, args.quantize)
     noted = next(model.parameters()).device.type != "cpu"  # the note on many tiles: on a CPU
 
@@ -906,7 +911,7 @@ def batch_main(batch):
             noted = note_many_tiles(processor, images, args.max_tiles)
         return preprocess(images)
 
-    batch.run(model, processor.decode, make_inputs, model.vision_tower)
+    return Answerer(model, processor.decode, make_inputs, model.vision_tower, args)
 
 
 if __name__ == "__main__":

@@ -904,8 +904,9 @@ def cli_prompt(processor, args, n_images):
     return processor.apply_chat_template([{"role": "user", "content": content}])
 
 
-def main(argv=None):
-    from command_line import check_flags, cli_parser, stream_answer
+def parse_args(argv=None):
+    """The command line's arguments, checked before anything slow (one line, exit code 1)."""
+    from command_line import check_flags, cli_parser
     parser = cli_parser("Describe images and videos, or answer questions about them, with "
                         "SmolVLM / SmolVLM2.", DEFAULT_MODEL)
     parser.add_argument("--video", help="a video file (SmolVLM2), decoded with PyAV")
@@ -918,28 +919,39 @@ def main(argv=None):
     check_flags(args)
     if args.num_frames is not None and args.num_frames <= 0:
         raise VLMError(f"num-frames must be positive, got {args.num_frames}")
-    batch = None
-    if args.batch:
-        if args.video:
-            raise VLMError("--batch answers images: give --video without it")
-        from batch_runner import Batch
-        batch = Batch(args)  # the images are found before the slow load
-    images = [open_image(path) for path in args.image]  # fail on a bad image before the slow load
+    if args.batch and args.video:
+        raise VLMError("--batch answers images: give --video without it")
+    return args
+
+
+def batch_answerer(args):
+    """--batch's answerer (batch_runner.Answerer; Ray's DatasetAnswerer uses it too): each image
+    with --prompt in the chat template. A prompt that would fail every image fails before the
+    load."""
+    from batch_runner import Answerer, check_prompt
     folder = resolve(args.model)
     cfg = Config.from_folder(folder)
     processor = Processor(folder, cfg)
-    if batch is not None:
-        prompt = cli_prompt(processor, args, 1)  # one image per prompt
+    prompt = cli_prompt(processor, args, 1)  # one image per prompt
 
-        def make_inputs(batch_images):
-            return processor(text=[prompt] * len(batch_images),
-                             images=[[image] for image in batch_images])
+    def make_inputs(images):
+        return processor(text=[prompt] * len(images), images=[[image] for image in images])
 
-        # a prompt that would fail every image fails before the load
-        batch.check_prompt(make_inputs, processor.tokenizer, cfg.text.max_position_embeddings)
-        model, processor = load(str(folder), args.device, args.dtype, args.quantize)
-        batch.run(model, processor.decode, make_inputs, model.model.vision_model)
+    check_prompt(make_inputs, processor.tokenizer, cfg.text.max_position_embeddings, args)
+    model, processor = load(str(folder), args.device, args.dtype, args.quantize)
+    return Answerer(model, processor.decode, make_inputs, model.model.vision_model, args)
+
+
+def main(argv=None):
+    from command_line import stream_answer
+    args = parse_args(argv)
+    if args.batch:
+        from batch_runner import Batch
+        Batch(args).run(batch_answerer)  # the images are found before the slow load
         return
+    images = [open_image(path) for path in args.image]  # fail on a bad image before the slow load
+    folder = resolve(args.model)
+    processor = Processor(folder, Config.from_folder(folder))
     prompt = cli_prompt(processor, args, len(images))
     image_rows = [images] if images else None
     videos = [args.video] if args.video else None

@@ -415,7 +415,7 @@ def test_resume_does_a_line_cut_by_a_crash_again(ckpt, tmp_path):
 
 
 class FakeModel(torch.nn.Module):
-    """A stand-in for a model in Batch.run: every image's answer is the ids 5, 6, 7 and the end
+    """A stand-in for a model in an Answerer: every image's answer is the ids 5, 6, 7 and the end
     token 2, computed from nothing."""
     stop = {2}
 
@@ -456,8 +456,11 @@ def test_output_jsonl_appends_each_batch(tmp_path, monkeypatch):
     def decode(ids):
         return "an answer"
 
+    def fake_answerer(args):
+        return batch_runner.Answerer(FakeModel(), decode, make_inputs, torch.nn.Identity(), args)
+
     monkeypatch.setattr(batch_runner, "show_status", after_each_batch)
-    batch_runner.Batch(args).run(FakeModel(), decode, make_inputs, torch.nn.Identity())
+    batch_runner.Batch(args).run(fake_answerer)
     per_batch = [later - earlier for earlier, later in zip(counts, counts[1:])]
     lines = out.read_text().splitlines()
     assert len(per_batch) == 300 and len(lines) == 3000
