@@ -16,11 +16,12 @@ How a request goes (measured in bench/serve.py; bench/RESULTS.md):
   files only under --allowed-local-dir) and runs the processor on it alone, so a bad request gets a
   4xx with a one-line OpenAI error object before it waits. It then waits in a bounded queue (past
   --max-queue waiting requests: 503).
-- One worker thread owns the model. It takes the first waiting request and those that arrive within
-  BATCH_WINDOW, up to --max-batch-size, and generates the compatible ones as ONE left-padded batch
-  (as --batch does): the same sampling settings (greedy ones always match), no seed (a seeded
-  request runs alone, so its answer is reproducible) and no video, the longest prompt plus the
-  largest max_tokens within the context. The others wait for the next batch.
+- One worker thread owns the model. It takes the first waiting request and those that reach the
+  server within BATCH_WINDOW of it (waiting, within PREPARE_WAIT, for those still preprocessed), up
+  to --max-batch-size, and generates the compatible ones as ONE left-padded batch (as --batch
+  does): the same sampling settings (greedy ones always match), no seed (a seeded request runs
+  alone, so its answer is reproducible) and no video, the longest prompt plus the largest
+  max_tokens within the context. The others wait for the next batch.
 - Each row ends at its own end token, max_tokens or stop string, or when its client goes away (the
   stream callback tells generate() which rows have ended); the batch ends when all have. A stream
   gets its row's text as it is decoded: the ids decoded whole at each step, less a trailing partial
@@ -53,9 +54,12 @@ from common import VLMError, choose_device_and_dtype, first_line, open_image, re
 
 FAMILIES = {"paligemma": paligemma, "idefics3": smolvlm, "smolvlm": smolvlm,
             "perception_lm": perception_lm}  # config.json's model_type -> the model file
-# Seconds a batch waits for more requests after its first: eight clients started together reach the
-# queue within ~10-40 ms of each other (bench/serve.py), and a prefill takes seconds.
+# A batch waits for the requests that reach the server within BATCH_WINDOW seconds of its first,
+# and for those still being read and preprocessed (a 640x480 image takes SmolVLM's processor
+# 0.3-2 s), up to PREPARE_WAIT seconds more: eight clients started together reach the server within
+# a few ms, but the queue over seconds (bench/serve.py).
 BATCH_WINDOW = 0.05
+PREPARE_WAIT = 10
 DEFAULT_MAX_TOKENS = 100  # the CLI's --max-new-tokens
 MAX_BODY = 32 * 2**20  # bytes of a request: a few photos in base64
 MAX_IMAGES = 8  # a request
@@ -97,9 +101,10 @@ class Upload(io.BytesIO):
     __str__ = __repr__
 
 
-def read_url(url, where, allow_remote, local_dir):
+def read_url(url, where, args):
     """An image or video URL -> its bytes: a data: URL always, http(s) with --allow-remote-images,
     a file under --allowed-local-dir (a relative path is relative to it)."""
+    local_dir = args.allowed_local_dir  # resolved
     if url.startswith("data:"):
         header, comma, payload = url.partition(",")
         if not comma or not header.endswith(";base64"):
@@ -109,7 +114,7 @@ def read_url(url, where, allow_remote, local_dir):
         except ValueError:  # binascii.Error
             raise ApiError(400, f"{where}: the data URL is not valid base64", where) from None
     remote = url.startswith(("http://", "https://"))
-    if remote and not allow_remote:
+    if remote and not args.allow_remote_images:
         raise ApiError(400, f"{where}: http(s) URLs are refused (the server's "
                        "--allow-remote-images allows them)", where)
     if not remote and local_dir is None:
@@ -233,7 +238,7 @@ class Job:
     stream: bool  # text events as it is decoded; else only the end
     events: asyncio.Queue
     loop: asyncio.AbstractEventLoop
-    arrived: float = 0.0
+    arrived: float = 0.0  # time.monotonic() when it reached the server
     cancelled: bool = False  # its client went away
 
     def send(self, *event):  # from the worker thread to the request's event loop
@@ -256,11 +261,9 @@ def sendable(text, stops):
 class Row:
     """A request's row of a batch: its new ids decoded as they come, sent as text deltas."""
 
-    def __init__(self, job, decode, end_ids, describe):
+    def __init__(self, job, worker):
         self.job = job
-        self.decode = decode
-        self.end_ids = end_ids
-        self.describe = describe  # text -> the message's extra fields (PaliGemma's objects)
+        self.worker = worker  # its processor decodes, its model's end ids end the row
         self.ids = []
         self.sent = 0  # characters sent so far
         self.done = False
@@ -271,9 +274,9 @@ class Row:
             self.done = True
             return True
         self.ids.append(token)
-        text = self.decode(self.ids)  # up to an end token, special tokens skipped
+        text = self.worker.processor.decode(self.ids)  # up to an end token, no special tokens
         reason = None
-        if token in self.end_ids:
+        if token in self.worker.model.stop:
             reason = "stop"
         elif len(self.ids) >= self.job.max_tokens:
             reason = "length"
@@ -289,9 +292,11 @@ class Row:
             self.sent = end
         if reason is not None:
             self.done = True
-            self.job.send("end", {"text": text, "finish_reason": reason,
-                                  "completion_tokens": len(self.ids),
-                                  "fields": self.describe(self.job, text)})
+            prompt = int(self.job.inputs["attention_mask"].sum())  # image tokens in, padding out
+            usage = {"prompt_tokens": prompt, "completion_tokens": len(self.ids),
+                     "total_tokens": prompt + len(self.ids)}
+            self.job.send("end", {"text": text, "finish_reason": reason, "usage": usage,
+                                  "fields": self.worker.describe(self.job, text)})
         return self.done
 
 
@@ -302,13 +307,11 @@ class Worker:
         self.args = args
         self.family = family
         self.folder = folder
-        self.local_dir = None
-        if args.allowed_local_dir is not None:
-            self.local_dir = Path(args.allowed_local_dir).resolve()
         self.model = None  # set once loaded: until then requests get 503
         self.error = None  # why the load failed: the server stops with it
         self.queue = queue.Queue(args.max_queue)
         self.waiting = []  # taken from the queue, not yet generated
+        self.preparing = 0  # requests being read and preprocessed (the HTTP side counts them)
 
     def run(self, server):
         """The worker thread: load, then generate batches until the process ends."""
@@ -345,8 +348,7 @@ class Worker:
         context = self.model.cfg.text.max_position_embeddings
         settings, max_tokens, stops = generation_settings(body, context)
         prompt, found = chat_prompt(body.get("messages"), self.family, self.processor)
-        remote = self.args.allow_remote_images
-        images = [open_image(Upload(read_url(url, where, remote, self.local_dir), where))
+        images = [open_image(Upload(read_url(url, where, self.args), where))
                   for url, where in found["image"]]
         given = {}
         if images:
@@ -354,7 +356,7 @@ class Worker:
         with tempfile.TemporaryDirectory() as folder:  # PyAV reads a video from a file
             for url, where in found["video"]:
                 path = Path(folder) / where  # errors name the video by its place in the request
-                path.write_bytes(read_url(url, where, remote, self.local_dir))
+                path.write_bytes(read_url(url, where, self.args))
                 given["videos"] = [str(path)]
             inputs = self.processor(text=[prompt], **given)
         n_tokens = inputs["input_ids"].shape[1]
@@ -366,7 +368,6 @@ class Worker:
                    body.get("stream") is True, asyncio.Queue(), loop)
 
     def submit(self, job):
-        job.arrived = time.perf_counter()
         try:
             self.queue.put_nowait(job)
         except queue.Full:
@@ -374,16 +375,19 @@ class Worker:
                            "try again later", code="overloaded") from None
 
     def next_batch(self):
-        """The first waiting request and those that arrive within BATCH_WINDOW, up to
-        --max-batch-size -> the ones that can share its batch; the others wait for the next."""
+        """The first waiting request and those that reach the server within BATCH_WINDOW of it
+        (or while they are preprocessed, up to PREPARE_WAIT more), up to --max-batch-size -> the
+        ones that can share its batch; the others wait for the next."""
         if not self.waiting:
             self.waiting.append(self.queue.get())
-        deadline = time.monotonic() + BATCH_WINDOW
+        deadline = self.waiting[0].arrived + BATCH_WINDOW
         while len(self.waiting) < self.args.max_batch_size:
             try:
-                self.waiting.append(self.queue.get(timeout=max(0, deadline - time.monotonic())))
+                self.waiting.append(self.queue.get(timeout=0.01))
             except queue.Empty:
-                break
+                now = time.monotonic()
+                if now > deadline and (self.preparing == 0 or now > deadline + PREPARE_WAIT):
+                    break
         batch = []
         rest = []
         for job in self.waiting:
@@ -409,13 +413,7 @@ class Worker:
         if not batch:
             return
         start = time.perf_counter()
-        inputs = batch[0].inputs
-        if len(batch) > 1:  # preprocessed together, left-padded, as --batch does
-            images = [job.images for job in batch]
-            inputs = self.processor(text=[job.prompt for job in batch],
-                                    images=images if any(images) else None)
-        inputs = {name: value.to(self.device) for name, value in inputs.items()}
-        rows = [Row(job, self.processor.decode, self.model.stop, self.describe) for job in batch]
+        rows = [Row(job, self) for job in batch]
         steps = 0
 
         def stream(token):  # (B,) new ids -> (B,) whether each row has ended
@@ -425,6 +423,12 @@ class Worker:
             return torch.tensor(ended, device=token.device)
 
         try:
+            inputs = batch[0].inputs
+            if len(batch) > 1:  # preprocessed together, left-padded, as --batch does
+                images = [job.images for job in batch]
+                inputs = self.processor(text=[job.prompt for job in batch],
+                                        images=images if any(images) else None)
+            inputs = {name: value.to(self.device) for name, value in inputs.items()}
             self.model.generate(**inputs, max_new_tokens=max(job.max_tokens for job in batch),
                                 stream=stream, **batch[0].settings)
         except Exception as e:  # each unfinished row gets the error; the server goes on
@@ -464,12 +468,6 @@ class Reply:
         options = body.get("stream_options")
         self.include_usage = isinstance(options, dict) and options.get("include_usage") is True
 
-    def usage(self, end):
-        prompt = int(self.job.inputs["attention_mask"].sum())  # image tokens in, padding out
-        completion = end["completion_tokens"]
-        return {"prompt_tokens": prompt, "completion_tokens": completion,
-                "total_tokens": prompt + completion}
-
     async def events(self, request=None):
         """The job's events up to its end or error. With `request` (not streamed: only the end
         comes), its client is polled, and one gone away ends its row; Starlette cancels a stream
@@ -499,7 +497,7 @@ class Reply:
         choice = {"index": 0, "message": message, "logprobs": None,
                   "finish_reason": end["finish_reason"]}
         return {**self.head, "object": "chat.completion", "choices": [choice],
-                "usage": self.usage(end)}
+                "usage": end["usage"]}
 
     def chunk(self, delta, finish_reason=None):
         choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
@@ -521,7 +519,7 @@ class Reply:
                     yield self.chunk(value["fields"], value["finish_reason"])
             if self.include_usage:
                 last = {**self.head, "object": "chat.completion.chunk", "choices": []}
-                yield sse({**last, "usage": self.usage(value)})
+                yield sse({**last, "usage": value["usage"]})
             yield "data: [DONE]\n\n"
         finally:
             self.job.cancelled = True  # a client gone mid-stream frees its row
@@ -574,10 +572,6 @@ def make_app(worker):
         message = f"{request.method} {request.url.path}: {e.detail}"
         return JSONResponse(error_body(e.status_code, message), e.status_code)
 
-    @app.exception_handler(Exception)  # a bug: one line to the client, the traceback to the log
-    async def bug(request, e):
-        return JSONResponse(error_body(500, f"internal error: {first_line(e)}"), 500)
-
     @app.get("/health")
     async def health():
         if worker.model is None:
@@ -593,9 +587,15 @@ def make_app(worker):
     @app.post("/v1/chat/completions")
     async def chat(request: Request):
         check(request)
-        body = await read_body(request)
-        job = await asyncio.to_thread(worker.prepare, body, asyncio.get_running_loop())
-        worker.submit(job)
+        arrived = time.monotonic()
+        worker.preparing += 1  # only this thread changes it
+        try:
+            body = await read_body(request)
+            job = await asyncio.to_thread(worker.prepare, body, asyncio.get_running_loop())
+            job.arrived = arrived
+            worker.submit(job)
+        finally:
+            worker.preparing -= 1
         reply = Reply(args.model, job, body)
         if job.stream:
             return StreamingResponse(reply.stream(), media_type="text/event-stream")
@@ -624,8 +624,10 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.max_batch_size <= 0 or args.max_queue <= 0:
         raise VLMError("--max-batch-size and --max-queue must be positive")
-    if args.allowed_local_dir is not None and not args.allowed_local_dir.is_dir():
-        raise VLMError(f"--allowed-local-dir {args.allowed_local_dir} is not a folder")
+    if args.allowed_local_dir is not None:
+        args.allowed_local_dir = args.allowed_local_dir.resolve()  # links and .. followed
+        if not args.allowed_local_dir.is_dir():
+            raise VLMError(f"--allowed-local-dir {args.allowed_local_dir} is not a folder")
     choose_device_and_dtype(args.device, args.dtype)  # a bad --device or --dtype: before the load
     folder = resolve(args.model)
     model_type = read_json(folder / "config.json").get("model_type")

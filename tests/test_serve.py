@@ -16,6 +16,7 @@ import sys
 import threading
 import time
 import urllib.request
+from functools import partial
 
 import numpy as np
 import openai
@@ -32,7 +33,7 @@ import smolvlm
 import smolvlm_fixture
 from conftest import ROOT
 from helpers import one_thread  # noqa: F401  (a fixture: this module runs single-threaded)
-from helpers import cli_in_process
+from helpers import cli_in_process, make_video
 
 PROMPTS = {"paligemma": "detect cat", "smolvlm": "Describe this image.",
            "perception_lm": "Describe the image."}
@@ -63,17 +64,6 @@ def user(*parts):
     return [{"role": "user", "content": content}]
 
 
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    root = tmp_path_factory.mktemp("serve")
-    # SmolVLM never reaches its end token: every answer runs to its own max_tokens or stop string
-    return {"smolvlm": smolvlm_fixture.build(root / "smolvlm", "v1", check=False,
-                                             unreachable_eos=True),
-            "paligemma": paligemma_fixture.build(root / "paligemma", "pg2", check=False),
-            "perception_lm": perception_lm_fixture.build(root / "perception_lm", "1b",
-                                                         check=False)}
-
-
 def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -84,6 +74,7 @@ class Server:
     """`python serve.py` in a subprocess, its log in a file."""
 
     def __init__(self, folder, log, *flags):
+        self.folder = folder
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = log
@@ -139,21 +130,39 @@ def request(method, url, body=None, headers=None):
 
 
 @pytest.fixture(scope="module")
-def servers(ckpt, tmp_path_factory):
-    """The three families served at once (they start in parallel); SmolVLM with an API key and a
-    folder it may read images from."""
-    logs = tmp_path_factory.mktemp("logs")
+def started(tmp_path_factory):
+    """Each family's fixture checkpoint, its server started as soon as it is written (so the
+    servers boot while the other checkpoints are written and the tests without a server run):
+    {family: Server}. SmolVLM's has an API key and a folder it may read images from; it never
+    reaches its end token, so every answer runs to its own max_tokens or stop string."""
+    root = tmp_path_factory.mktemp("serve")
     allowed = tmp_path_factory.mktemp("allowed")
-    started = {"smolvlm": Server(ckpt["smolvlm"], logs / "smolvlm.log", "--api-key", KEY,
-                                 "--allowed-local-dir", allowed),
-               "paligemma": Server(ckpt["paligemma"], logs / "paligemma.log"),
-               "perception_lm": Server(ckpt["perception_lm"], logs / "perception_lm.log")}
-    started["smolvlm"].allowed = allowed
+    builds = {"smolvlm": partial(smolvlm_fixture.build, root / "smolvlm", "v1", check=False,
+                                 unreachable_eos=True),
+              "paligemma": partial(paligemma_fixture.build, root / "paligemma", "pg2",
+                                   check=False),
+              "perception_lm": partial(perception_lm_fixture.build, root / "perception_lm", "1b",
+                                       check=False)}
+    flags = {"smolvlm": ["--api-key", KEY, "--allowed-local-dir", allowed]}
+    servers = {}
     try:
-        yield {family: server.wait() for family, server in started.items()}
+        for family, build in builds.items():
+            servers[family] = Server(build(), root / f"{family}.log", *flags.get(family, []))
+        servers["smolvlm"].allowed = allowed
+        yield servers
     finally:
-        for server in started.values():
+        for server in servers.values():
             server.stop()
+
+
+@pytest.fixture(scope="module")
+def ckpt(started):
+    return {family: server.folder for family, server in started.items()}
+
+
+@pytest.fixture(scope="module")
+def servers(started):
+    return {family: server.wait() for family, server in started.items()}
 
 
 # ------------------------------------------------------------ without a server
@@ -207,22 +216,24 @@ def test_urls_data_remote_and_local(tmp_path):
     (allowed / "a.png").write_bytes(b"inside")
     (tmp_path / "secret.png").write_bytes(b"outside")
     (allowed / "link.png").symlink_to(tmp_path / "secret.png")
-    assert serve.read_url(data_url(b"\x00\x01"), "x", False, None) == b"\x00\x01"
-    assert serve.read_url(str(allowed / "a.png"), "x", False, allowed) == b"inside"
-    assert serve.read_url("a.png", "x", False, allowed) == b"inside"  # relative to the folder
-    assert serve.read_url(f"file://{allowed}/a.png", "x", False, allowed) == b"inside"
-    refused = [("data:image/png;base64,not base64!", None, "not valid base64"),
-               ("data:image/png,rawbytes", None, "data:<type>;base64"),
-               ("https://example.com/cat.png", None, "--allow-remote-images"),  # no network
-               (str(allowed / "a.png"), None, "--allowed-local-dir"),
-               (str(tmp_path / "secret.png"), allowed, "not under"),
-               ("../secret.png", allowed, "not under"),
-               ("link.png", allowed, "not under"),  # a link out of the folder
-               ("ftp://example.com/cat.png", allowed, "cannot be read"),  # a name in it
-               ("missing.png", allowed, "cannot be read")]
-    for url, local_dir, message in refused:
+    closed = argparse.Namespace(allow_remote_images=False, allowed_local_dir=None)
+    local = argparse.Namespace(allow_remote_images=False, allowed_local_dir=allowed)
+    assert serve.read_url(data_url(b"\x00\x01"), "x", closed) == b"\x00\x01"
+    assert serve.read_url(str(allowed / "a.png"), "x", local) == b"inside"
+    assert serve.read_url("a.png", "x", local) == b"inside"  # relative to the folder
+    assert serve.read_url(f"file://{allowed}/a.png", "x", local) == b"inside"
+    refused = [("data:image/png;base64,not base64!", closed, "not valid base64"),
+               ("data:image/png,rawbytes", closed, "data:<type>;base64"),
+               ("https://example.com/cat.png", closed, "--allow-remote-images"),  # no network
+               (str(allowed / "a.png"), closed, "--allowed-local-dir"),
+               (str(tmp_path / "secret.png"), local, "not under"),
+               ("../secret.png", local, "not under"),
+               ("link.png", local, "not under"),  # a link out of the folder
+               ("ftp://example.com/cat.png", local, "cannot be read"),  # a name in the folder
+               ("missing.png", local, "cannot be read")]
+    for url, args, message in refused:
         with pytest.raises(serve.ApiError, match=message) as e:
-            serve.read_url(url, "messages[0].content[0]", False, local_dir)
+            serve.read_url(url, "messages[0].content[0]", args)
         assert e.value.status == 400 and e.value.param == "messages[0].content[0]"
 
 
@@ -235,13 +246,15 @@ def test_stream_holds_back_partial_characters_and_stop_prefixes():
 
 
 class FakeJob(serve.Job):
-    def send(self, *event):
+    def send(self, *event):  # no event loop here
         self.events.put_nowait(event)
 
 
-def job_for(max_tokens, stops=(), images=()):
-    return FakeJob("", list(images), {}, {}, max_tokens, list(stops), False, True,
-                   serve.asyncio.Queue(), None)
+def job_for(max_tokens, stops=(), images=(), settings=None, alone=False):
+    inputs = {"input_ids": torch.zeros(1, 5, dtype=torch.long),
+              "attention_mask": torch.tensor([[0, 0, 1, 1, 1]])}  # 3 prompt tokens, 2 pads
+    return FakeJob("", list(images), inputs, settings or {}, max_tokens, list(stops), alone,
+                   True, serve.asyncio.Queue(), None, arrived=time.monotonic())
 
 
 def events_of(job):
@@ -251,40 +264,42 @@ def events_of(job):
     return events
 
 
-def test_a_row_ends_at_its_end_token_limit_stop_string_or_client():
-    decode = "".join
-    stream = list("Hello STOP there")
+def fake_worker(decode="".join):
+    """What a Row uses of its worker: the processor's decode, the end ids, describe()."""
+    return argparse.Namespace(processor=argparse.Namespace(decode=decode),
+                              model=argparse.Namespace(stop=["<end>"]),
+                              describe=lambda job, text: {"objects": [text]})
 
+
+def test_a_row_ends_at_its_end_token_limit_stop_string_or_client():
     def pushed(row, tokens):
         return [row.push(token) for token in tokens]
 
     job = job_for(max_tokens=100, stops=["STOP"])
-    row = serve.Row(job, decode, ["<end>"], lambda job, text: {})
-    assert pushed(row, stream) == [False] * 9 + [True] * 7
+    assert pushed(serve.Row(job, fake_worker()), "Hello STOP there") == [False] * 9 + [True] * 7
     events = events_of(job)
     assert "".join(value for kind, value in events if kind == "text") == "Hello "
-    assert events[-1] == ("end", {"text": "Hello ", "finish_reason": "stop",
-                                  "completion_tokens": 10, "fields": {}})
+    usage = {"prompt_tokens": 3, "completion_tokens": 10, "total_tokens": 13}
+    assert events[-1] == ("end", {"text": "Hello ", "finish_reason": "stop", "usage": usage,
+                                  "fields": {"objects": ["Hello "]}})
     job = job_for(max_tokens=3)
-    assert pushed(serve.Row(job, decode, ["<end>"], lambda job, text: {"x": 1}), "abcd") == [
-        False, False, True, True]
+    assert pushed(serve.Row(job, fake_worker()), "abcd") == [False, False, True, True]
     assert events_of(job)[-1][1]["finish_reason"] == "length"
     job = job_for(max_tokens=9)
-    row = serve.Row(job, lambda ids: "".join(ids).partition("<end>")[0], ["<end>"],
-                    lambda job, text: {})
+    row = serve.Row(job, fake_worker(lambda ids: "".join(ids).partition("<end>")[0]))
     assert pushed(row, ["a", "<end>", "b"]) == [False, True, True]
     assert events_of(job)[-1][1]["finish_reason"] == "stop"
     job = job_for(max_tokens=9)
-    row = serve.Row(job, decode, [], lambda job, text: {})
+    row = serve.Row(job, fake_worker())
     row.push("a")
     job.cancelled = True  # the client went away: the row ends without an end event
     assert row.push("b") is True and events_of(job) == [("text", "a")]
 
 
-def test_paligemma_objects_with_masks(ckpt):
+def test_paligemma_objects_with_masks():
     """The objects of a segment answer, as the CLI's --json gives them, masks included."""
     args = argparse.Namespace(max_queue=1, allowed_local_dir=None)
-    worker = serve.Worker(args, paligemma, ckpt["paligemma"])
+    worker = serve.Worker(args, paligemma, None)  # not loaded
     torch.manual_seed(0)
     worker.mask_decoder = paligemma.MaskDecoder().eval()
     text = "<loc0100><loc0200><loc0700><loc0900>" + "".join(
@@ -297,9 +312,40 @@ def test_paligemma_objects_with_masks(ckpt):
     assert fields["objects"][0]["label"] == "cat" and fields["objects"][0]["mask"] is not None
 
 
-def test_a_full_queue_is_refused(ckpt):
+def test_batches_group_the_requests_that_can_share_one():
+    """Greedy requests share a batch; a seeded one runs alone; one whose client left is dropped;
+    the longest prompt plus the largest max_tokens stay within the context; --max-batch-size."""
+    args = argparse.Namespace(max_queue=16, max_batch_size=4, allowed_local_dir=None)
+    worker = serve.Worker(args, smolvlm, None)  # not loaded
+    worker.model = argparse.Namespace(cfg=argparse.Namespace(
+        text=argparse.Namespace(max_position_embeddings=100)))
+    greedy = {"temperature": 0.0, "top_p": None, "top_k": None, "seed": None}
+    jobs = {name: job_for(10, settings=greedy) for name in "ABDF"}
+    jobs["C"] = job_for(10, settings={**greedy, "seed": 1}, alone=True)
+    jobs["D"].cancelled = True
+    jobs["E"] = job_for(96, settings=greedy)  # 5 prompt tokens + 96 > 100 beside any other
+    for name in "ABCDEF":
+        worker.submit(jobs[name])
+    batches = ["".join(name for job in worker.next_batch() for name in jobs if jobs[name] is job)
+               for _ in range(4)]
+    assert batches == ["AB", "C", "E", "F"]
+    first = job_for(10, settings=greedy)
+    worker.submit(first)
+    worker.preparing = 1  # a second request is still being preprocessed: the batch waits for it
+    second = job_for(10, settings=greedy)
+
+    def arrives():
+        time.sleep(0.3)
+        worker.submit(second)
+        worker.preparing = 0
+
+    threading.Thread(target=arrives).start()
+    assert worker.next_batch() == [first, second]
+
+
+def test_a_full_queue_is_refused():
     args = argparse.Namespace(max_queue=2, allowed_local_dir=None)
-    worker = serve.Worker(args, smolvlm, ckpt["smolvlm"])
+    worker = serve.Worker(args, smolvlm, None)  # not loaded
     worker.submit(job_for(1))
     worker.submit(job_for(1))
     with pytest.raises(serve.ApiError, match="busy") as e:
@@ -515,3 +561,25 @@ def test_clients_that_go_away_free_their_rows(servers):
     assert get(server.url + "/health") == (200, {"status": "ok"})
     reply = answer(server.client(), messages, max_tokens=3)
     assert reply.usage.completion_tokens == 3
+
+
+def test_a_video_url_answers_as_the_cli(servers, ckpt, tmp_path):
+    """PerceptionLM: a video sent as a data: URL, read from a temporary file as --video reads it."""
+    video = make_video(tmp_path / "clip.mp4", n_frames=6, fps=3)
+    cli = cli_in_process(perception_lm, "--model", ckpt["perception_lm"], "--video", video,
+                         "--prompt", "What happens?", "--max-new-tokens", 6, "--dtype",
+                         "float32")
+    assert cli.returncode == 0, cli.stderr
+    url = data_url(video.read_bytes(), "video/mp4")
+    messages = [{"role": "user", "content": [{"type": "video_url", "video_url": {"url": url}},
+                                             {"type": "text", "text": "What happens?"}]}]
+    reply = answer(servers["perception_lm"].client(), messages, max_tokens=6)
+    assert cli.stdout == reply.choices[0].message.content + "\n"
+    processor = processor_of(perception_lm, ckpt["perception_lm"])
+    prompt, _ = serve.chat_prompt(messages, perception_lm, processor)
+    inputs = processor(text=[prompt], videos=[str(video)])
+    assert reply.usage.prompt_tokens == inputs["input_ids"].shape[1]  # the frames' tokens in
+    status, body = request("POST", servers["perception_lm"].url + "/v1/chat/completions",
+                           {"messages": [{"role": "user", "content": [
+                               {"type": "video_url", "video_url": {"url": data_url(b"xx")}}]}]})
+    assert "cannot be read" in error_of(status, body)["message"]
