@@ -648,8 +648,9 @@ def generate(step, logits, max_new_tokens, stop, pad_id, temperature=0.0, top_k=
              seed=None, stream=None):
     """The decode loop of all three models. `logits` (B, V) come from the prefill's last position;
     `step(tokens (B,))` runs one cached decode step and returns the next (B, V). A row stops at any
-    id in `stop` and is padded with `pad_id` after. `stream` gets each new (B,) batch. Returns new
-    ids (B, n)."""
+    id in `stop` and is padded with `pad_id` after. `stream` gets each new (B,) batch; it may return
+    a bool (B,) of rows to end there (serve.py: a client gone, a request's own max_tokens) or None.
+    Returns new ids (B, n)."""
     check_args(max_new_tokens, temperature, top_k, top_p)
     device = logits.device
     generator = None
@@ -666,7 +667,9 @@ def generate(step, logits, max_new_tokens, stop, pad_id, temperature=0.0, top_k=
         token = token.masked_fill(done, pad_id)  # a finished row gets padding
         new_ids.append(token)
         if stream is not None:
-            stream(token)
+            ended = stream(token)
+            if ended is not None:
+                done = done | ended
         done = done | torch.isin(token, stop)
         if done.all() or i == max_new_tokens - 1:
             break
