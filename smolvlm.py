@@ -421,8 +421,8 @@ class SmolVLM(nn.Module):
                  labels=None, max_new_tokens=100, temperature=0.0, top_k=None, top_p=None,
                  seed=None, stream=None, compiled=False):
         """Prefill once (the images are encoded here only), then decode with the KV cache.
-        compiled=True: decode through torch.compile (compiled.py: about a minute the first
-        time in a process, then about twice the tokens a second on a CPU; bench/RESULTS.md).
+        compiled=True: decode through torch.compile (compiled.py: about a minute for each model
+        and weights in a process, then about twice the tokens a second on a CPU; bench/RESULTS.md).
         Returns the new ids (B, n). labels (a processor's, with a suffix) are ignored."""
         check_args(max_new_tokens, temperature, top_k, top_p)  # before the prefill's work
         B, T = input_ids.shape
