@@ -37,7 +37,8 @@ def imports_of(name):
 
 def test_the_tool_files_are_there():
     tools = OURS - set(MODELS) - {"common", "finetune", "serve"}
-    assert {"quantize", "compiled", "command_line", "batch_runner"} <= tools
+    assert {"quantize", "compiled", "command_line", "batch_runner", "atomic_file", "image_files",
+            "lora"} <= tools
 
 
 def test_common_imports_no_file_of_ours():
