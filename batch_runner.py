@@ -318,13 +318,13 @@ def family_args(family, model, prompt, max_new_tokens=100, dtype=None, quantize=
 class DatasetAnswerer:
     """--batch's answers over a Ray Data dataset, on as many machines as the cluster has:
     `dataset.map_batches(DatasetAnswerer, fn_constructor_kwargs={"family": ..., "model": ...,
-    "prompt": ...}, concurrency=N)` builds one in each of N actors, which loads the model once
-    (family_args says what the arguments mean). A batch holds "path" (include_paths=True) and
-    either the files' "bytes" (read_binary_files: decoded here as --batch opens a file, EXIF
-    rotation too, and an unreadable one is an error line with --batch's message) or decoded
-    "image" pixels (read_images, which fails on an unreadable file). -> the --batch lines' fields
-    as columns: every row has every field, null where its line has none (a good row's error; a
-    failed row's text, tokens, seconds, objects)."""
+    "prompt": ...}, compute=ActorPoolStrategy(size=N))` builds one in each of N actors, which
+    loads the model once (family_args says what the arguments mean). A batch holds "path"
+    (include_paths=True) and either the files' "bytes" (read_binary_files: decoded here as --batch
+    opens a file, EXIF rotation too, and an unreadable one is an error line with --batch's
+    message) or decoded "image" pixels (read_images, which fails on an unreadable file). -> the
+    --batch lines' fields as columns: every row has every field, null where its line has none (a
+    good row's error; a failed row's text, tokens, seconds, objects)."""
 
     def __init__(self, family, model, prompt, max_new_tokens=100, dtype=None, quantize=None,
                  device=None, batch_size=None, options=()):

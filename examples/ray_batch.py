@@ -46,7 +46,7 @@ def main(argv=None):
         sys.exit('error: Ray is not installed: pip install "ray[data]"')
     from batch_runner import DatasetAnswerer, family_args
     from command_line import BATCH_SIZE
-    from common import VLMError
+    from common import VLMError, first_line
     from image_files import IMAGE_SUFFIXES
     answerer = {"family": args.family, "model": args.model, "prompt": args.prompt,
                 "max_new_tokens": args.max_new_tokens, "dtype": args.dtype,
@@ -74,9 +74,14 @@ def main(argv=None):
     # Bytes, not ray.data.read_images: an unreadable file is then an error line (decoded in the
     # actor as --batch opens a file, EXIF rotation too), not a failed job. Reading and writing
     # hold no CPU, so actors that hold every CPU cannot starve them (2 actors on 2 cores did).
-    images = ray.data.read_binary_files(args.source, include_paths=True, num_cpus=0,
-                                        file_extensions=[s[1:] for s in IMAGE_SUFFIXES])
-    actors = ray.data.ActorPoolStrategy(size=args.actors)
+    try:
+        images = ray.data.read_binary_files(args.source, include_paths=True, num_cpus=0,
+                                            file_extensions=[s[1:] for s in IMAGE_SUFFIXES])
+    except (OSError, ValueError) as e:  # no such file or folder; no image among its files
+        sys.exit(f"error: {first_line(e)}")
+    # one batch at a time an actor: a batch waits for the first free actor, not in the queue of
+    # the first one ready (which took every batch of a small folder while the others loaded)
+    actors = ray.data.ActorPoolStrategy(size=args.actors, max_tasks_in_flight_per_actor=1)
     answers = images.map_batches(DatasetAnswerer, fn_constructor_kwargs=answerer, compute=actors,
                                  batch_size=batch_size, num_cpus=args.cpus_per_actor,
                                  num_gpus=gpus)

@@ -9,12 +9,14 @@ Ray and its actors): `.ci/run` runs them in a step of their own, after installin
 `python -m pytest -m "not ray"` leaves them out."""
 import contextlib
 import json
+import os
 import runpy
 import signal
 import subprocess
 import sys
+import time
+from pathlib import Path
 
-import psutil
 import pytest
 
 import paligemma
@@ -44,20 +46,53 @@ def local_ray():
     """A local Ray of 2 CPUs for the module; shut down at its end, and every process it started
     (Ray's servers, its workers) gone within 30 s, or killed and the teardown fails."""
     ray = pytest.importorskip("ray")
-    before = {child.pid for child in psutil.Process().children(recursive=True)}
+    before = descendants()
     # the actors import the model files as this process does
     ray.init(num_cpus=2, include_dashboard=False,
              runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}})
     try:
         yield ray
     finally:
+        started = descendants() - before  # taken while Ray's processes are still our children
         ray.shutdown()
-        started = [child for child in psutil.Process().children(recursive=True)
-                   if child.pid not in before]
-        _, alive = psutil.wait_procs(started, timeout=30)
-        for process in alive:
-            process.kill()
-        assert not alive, f"Ray left {[process.name() for process in alive]} running"
+        give_up = time.monotonic() + 30
+        while started & running() and time.monotonic() < give_up:
+            time.sleep(0.5)
+        left = started & running()
+        for pid, _ in left:
+            os.kill(pid, signal.SIGKILL)
+        assert not left, f"Ray left processes {sorted(pid for pid, _ in left)} running"
+
+
+def processes():
+    """{(pid, start time): (parent pid, state)} of every process, from Linux's /proc (the start
+    time tells a process from a later one given the same pid)."""
+    found = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            # the fields after the name (in parentheses; it may hold ")" itself)
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # it ended while listed
+        found[(int(stat.parent.name), fields[19])] = (int(fields[1]), fields[0])
+    return found
+
+
+def descendants():
+    """This process's children, their children, and so on: {(pid, start time)}."""
+    table = processes()
+    found = set()
+    parents = {os.getpid()}
+    while parents:
+        children = {key for key, (parent, _) in table.items() if parent in parents} - found
+        found |= children
+        parents = {pid for pid, _ in children}
+    return found
+
+
+def running():
+    """The processes that have not ended (a zombie has ended: only its exit status is left)."""
+    return {key for key, (_, state) in processes().items() if state != "Z"}
 
 
 @contextlib.contextmanager
@@ -141,6 +176,20 @@ def test_a_load_that_would_fail_every_image_stops_the_job_in_one_line(ckpt, loca
     assert message.startswith("error: the prompt's text alone (") and "\n" not in message
     assert message.endswith("exceed the model's context of 8192 tokens: every image would fail")
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+@pytest.mark.ray
+def test_a_source_with_no_image_is_one_line(ckpt, local_ray, tmp_path):
+    """A folder that does not exist, or holds no image file: one line, exit code 1, nothing
+    written (Ray finds this while planning the read: no actor starts)."""
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "readme.txt").write_text("not an image suffix")
+    for source in (tmp_path / "nowhere", tmp_path / "notes"):
+        code, message = ray_batch(source, "--family", "smolvlm", "--model", ckpt["smolvlm"],
+                                  "--output", tmp_path / "out")
+        assert code == 1 and message.startswith("error: ") and "\n" not in message, message
+        assert str(source) in message
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.ray
