@@ -78,7 +78,7 @@ def main(argv=None):
         images = ray.data.read_binary_files(args.source, include_paths=True, num_cpus=0,
                                             file_extensions=[s[1:] for s in IMAGE_SUFFIXES])
     except (OSError, ValueError) as e:  # no such file or folder; no image among its files
-        sys.exit(f"error: {first_line(e)}")
+        sys.exit(f"error: {args.source}: {first_line(e)}")
     # one batch at a time an actor: a batch waits for the first free actor, not in the queue of
     # the first one ready (which took every batch of a small folder while the others loaded)
     actors = ray.data.ActorPoolStrategy(size=args.actors, max_tasks_in_flight_per_actor=1)
