@@ -1,5 +1,6 @@
-"""The command line of the three model files: the shared parser, the streaming printer, progress on
-stderr, and run_cli (our errors as one line, exit code 1).
+"""The command line of the three model files: the shared parser and its checks, the chat families'
+--prompt turn, the timed load, the streaming printer, progress on stderr, and run_cli (our errors as
+one line, exit code 1).
 
 A tool: paligemma.py, smolvlm.py and perception_lm.py import it in their command-line part only (in
 main(), when run as a script), so a model file copied with common.py alone still loads and
@@ -58,19 +59,47 @@ def cli_parser(description, default_model):
 
 def check_flags(args):
     """What would fail every answer, checked before the slow load (one line, exit code 1): the
-    generation settings, --batch's flags without --batch, and --compile where it is not verified."""
-    check_args(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.prompt)
+    generation settings and the prompt, the counts a family's parser has, --batch's flags without
+    --batch (and with a --video), and --compile where it is not verified. (A command line with bytes
+    that are not UTF-8 reaches Python as lone surrogates, which no tokenizer accepts.)"""
+    check_args(args.max_new_tokens, args.temperature, args.top_k, args.top_p)
+    if any("\ud800" <= c <= "\udfff" for c in args.prompt):
+        raise VLMError("the prompt is not valid UTF-8 text")
     batch_only = {"--output-jsonl": args.output_jsonl is not None, "--resume": args.resume,
                   "--batch-size": args.batch_size is not None, "--recursive": args.recursive}
     for flag, given in batch_only.items():
         if given and not args.batch:
             raise VLMError(f"{flag} is a --batch option: give --batch PATH... with it")
-    if args.batch_size is not None and args.batch_size <= 0:
-        raise VLMError(f"batch-size must be positive, got {args.batch_size}")
+    for flag in ("batch_size", "num_frames", "max_tiles"):  # the chat families add the last two
+        value = vars(args).get(flag)
+        if value is not None and value <= 0:
+            raise VLMError(f"{flag.replace('_', '-')} must be positive, got {value}")
+    if args.batch and vars(args).get("video"):
+        raise VLMError("--batch answers images: give --video without it")
     if args.compile:
         device, _ = choose_device_and_dtype(args.device, args.dtype)
         if device.type != "cpu":
             raise VLMError(f"--compile is verified on the CPU only, not on {device.type}")
+
+
+def user_turn(processor, args, n_images, n_videos):
+    """--prompt as a user turn of the checkpoint's chat template (the images, then the videos, then
+    the text: the templates' order); with --raw, as typed. For the chat families (SmolVLM,
+    PerceptionLM)."""
+    if args.raw:
+        return args.prompt
+    content = [{"type": "image"}] * n_images + [{"type": "video"}] * n_videos
+    content.append({"type": "text", "text": args.prompt})
+    messages = [{"role": "user", "content": content}]
+    return processor.apply_chat_template(messages, add_generation_prompt=True)
+
+
+def timed_load(load, model, args):
+    """A model file's load(model) with --device, --dtype and --quantize -> (model, processor, the
+    seconds it took, for --verbose)."""
+    start = time.perf_counter()
+    model, processor = load(model, args.device, args.dtype, args.quantize)
+    return model, processor, time.perf_counter() - start
 
 
 def show_status(text, terminal):

@@ -14,7 +14,8 @@ Sections, top to bottom:
   images and video  open_image, RGB conversion, resizing, normalising, PyAV decoding
   checkpoints       hub or local resolution, device and dtype, strict safetensors loading (with a
                     per-tensor hook that quantize.py uses), tied weights, end-of-turn ids
-  text              tokenizer, chat template (finding and rendering it), padding, decoding, labels
+  text              tokenizer, chat template (finding and rendering it), placeholders, padding
+                    (with training labels), decoding
   generation        sampling (greedy, top-k, nucleus) and the decode loop all three models use
 
 Shapes: B batch, T new tokens, S keys (cache length so far), H query heads, K key/value heads, D
@@ -22,6 +23,7 @@ head dim.
 """
 import json
 import math
+import re
 from dataclasses import fields
 from functools import partial
 from pathlib import Path
@@ -578,22 +580,32 @@ def split_answer(render, messages, end_token):
     return prompt, answer[:end]
 
 
-def append_answers(tokenizer, rows, answers):
-    """For training: each row of prompt ids (a list, extended in place) followed by its answer's ids
-    -> per row the labels: -100 on the prompt (never learned), the answer's ids on the answer. No
-    answers (None): no labels, None."""
-    if answers is None:
-        return None
+def expand_placeholders(prompts, blocks):
+    """Each placeholder in the prompts replaced by the next text of its list, in order across the
+    prompts: `blocks` is {placeholder: [the text each of its occurrences stands for, ...]}."""
+    placeholder = re.compile("|".join(re.escape(token) for token in blocks))
+    texts = {token: iter(token_blocks) for token, token_blocks in blocks.items()}
+    return [placeholder.sub(lambda found: next(texts[found.group()]), prompt) for prompt in prompts]
+
+
+def text_inputs(tokenizer, rows, pad_id, answers=None):
+    """Rows of prompt ids (lists) -> input_ids and attention_mask, left-padded. With `answers`
+    (training: one per row), each row is extended in place by its answer's ids, and `labels` are
+    added: -100 on the prompt (never learned), the answer's ids on the answer."""
     if isinstance(answers, str):
         answers = [answers]
-    if len(answers) != len(rows):
+    if answers is not None and len(answers) != len(rows):
         raise VLMError(f"got {len(answers)} answers (suffix) for {len(rows)} prompts")
     labels = []
-    for row, answer in zip(rows, answers):
+    for row, answer in zip(rows, answers or []):
         answer_ids = tokenizer.encode(answer, add_special_tokens=False).ids
         labels.append([-100] * len(row) + answer_ids)
         row.extend(answer_ids)
-    return labels
+    inputs = {"input_ids": left_pad(rows, pad_id),
+              "attention_mask": left_pad([[1] * len(row) for row in rows], 0)}
+    if answers is not None:
+        inputs["labels"] = left_pad(labels, -100)
+    return inputs
 
 
 # ------------------------------------------------------------ sampling and generation
@@ -627,14 +639,11 @@ def sample_nucleus(probs, top_p, generator):
     return ids.gather(-1, choice).squeeze(-1)
 
 
-def check_args(max_new_tokens, temperature, top_k, top_p, prompt=""):
-    """Run by generate() and, before the slow load, by the CLIs: the same message either way. (A
-    command line with bytes that are not UTF-8 reaches Python as lone surrogates, which no tokenizer
-    accepts.)"""
+def check_args(max_new_tokens, temperature, top_k, top_p):
+    """Run by generate() and, before the slow load, by the CLIs (command_line.check_flags): the same
+    message either way."""
     if max_new_tokens <= 0:
         raise VLMError(f"max-new-tokens must be positive, got {max_new_tokens}")
-    if any("\ud800" <= c <= "\udfff" for c in prompt):
-        raise VLMError("the prompt is not valid UTF-8 text")
     if not 0 <= temperature < math.inf:
         raise VLMError(f"temperature must be >= 0, got {temperature}")
     if top_k is not None and top_k <= 0:

@@ -15,7 +15,6 @@ heads, K key/value heads, D head dim, C widths.
 import json
 import re
 import sys
-import time
 import zipfile
 from dataclasses import dataclass
 from functools import partial
@@ -853,7 +852,7 @@ def parse_args(argv=None):
 
 
 def main(argv=None):
-    from command_line import stream_answer
+    from command_line import stream_answer, timed_load
     args = parse_args(argv)
     if args.batch:
         from batch_runner import Batch
@@ -865,9 +864,7 @@ def main(argv=None):
     decoder = None
     if args.vae:  # a bad mask decoder file fails before the slow load too
         decoder = load_mask_decoder(args.vae)
-    start = time.perf_counter()
-    model, processor = load(args.model, args.device, args.dtype, args.quantize)
-    load_seconds = time.perf_counter() - start
+    model, processor, load_seconds = timed_load(load, args.model, args)
     inputs = processor(text=[args.prompt], images=[images])
     new_ids = stream_answer(model, processor, inputs, args, load_seconds, model.vision_tower)
     answer = processor.decode(new_ids[0])

@@ -17,9 +17,7 @@ there is one), Dv vision width, B batch, T new tokens, S keys (cached and new), 
 key/value heads, Dh head dim, C text width, V vocabulary.
 """
 import math
-import re
 import sys
-import time
 from dataclasses import dataclass, fields
 from functools import partial
 from pathlib import Path
@@ -29,12 +27,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import (Embedding, KVCache, Linear, VLMError, append_answers, apply_rope, attend,
-                    check_context, decode_ids, find_chat_template, from_dict, generate,
-                    image_tensor, left_pad, load_weights, make_mask, next_token_loss, normalize,
-                    open_image, open_tokenizer, optional_json, read_json, read_video,
-                    render_template, resize, resolve, rope_cos_sin, rope_inv_freq, rope_theta,
-                    split_answer, stop_ids, token_text)
+from common import (Embedding, KVCache, Linear, VLMError, apply_rope, attend, check_context,
+                    decode_ids, expand_placeholders, find_chat_template, from_dict, generate,
+                    image_tensor, load_weights, make_mask, next_token_loss, normalize, open_image,
+                    open_tokenizer, optional_json, read_json, read_video, render_template, resize,
+                    resolve, rope_cos_sin, rope_inv_freq, rope_theta, split_answer, stop_ids,
+                    text_inputs, token_text)
 
 DEFAULT_MODEL = "facebook/Perception-LM-1B"
 
@@ -607,7 +605,8 @@ class Processor:
         self.pad_id = self.tokenizer.token_to_id(self.pad)
         eos = token_text(tokenizer_config.get("eos_token", "<|eot_id|>"))
         self.end_of_turn = eos  # the last token of an answer, learned in training
-        self.stop = [self.tokenizer.token_to_id(eos)]  # load() adds the checkpoint's other end ids
+        # with config.json's and generation_config.json's end ids
+        self.stop = stop_ids(folder, self.tokenizer.token_to_id(eos))
         self.image_token = self.tokenizer.id_to_token(cfg.image_token_id)
         self.video_token = self.tokenizer.id_to_token(cfg.video_token_id)
         self.chat_template = find_chat_template(folder, processor_config, tokenizer_config)
@@ -710,22 +709,16 @@ class Processor:
         cols = pixels.shape[-1] // self.patch // self.pool
         return rows * cols
 
-    def expand_placeholders(self, prompts, tiles, frames):
-        """Each <|image|> (<|video|>) becomes one token per pooled patch of every tile (frame) of
-        its image (video), the images and videos taken in order."""
+    def placeholder_runs(self, tiles, frames):
+        """-> {<|image|>: [...], <|video|>: [...]}: each <|image|> (<|video|>) stands for one token
+        per pooled patch of every tile (frame) of its image (video), the images and videos taken in
+        order."""
         runs = {self.image_token: [], self.video_token: []}
         for x in tiles:
             runs[self.image_token].append(self.image_token * self.tokens_per_tile(x) * len(x))
         for x in frames:
             runs[self.video_token].append(self.video_token * self.tokens_per_tile(x) * len(x))
-        placeholder = re.compile(f"({re.escape(self.image_token)}|{re.escape(self.video_token)})")
-        expanded = []
-        for prompt in prompts:
-            pieces = placeholder.split(prompt)  # text, placeholder, text, ..., placeholder, text
-            for i in range(1, len(pieces), 2):
-                pieces[i] = runs[pieces[i]].pop(0)
-            expanded.append("".join(pieces))
-        return expanded
+        return runs
 
     def __call__(self, text=None, images=None, videos=None, num_frames=None, max_num_tiles=None,
                  suffix=None):
@@ -752,17 +745,13 @@ class Processor:
                                f"{len(media)} {what} were given")
         tiles = [self.tiles(image, max_num_tiles or self.max_num_tiles) for image in images]
         frames = [self.frames(video, num_frames) for video in videos]
-        prompts = self.expand_placeholders(prompts, tiles, frames)
+        prompts = expand_placeholders(prompts, self.placeholder_runs(tiles, frames))
         ids = []
         for prompt in prompts:
             # a rendered chat template starts with <|begin_of_text|> already: no second one
             add_bos = not prompt.startswith(self.bos)
             ids.append(self.tokenizer.encode(prompt, add_special_tokens=add_bos).ids)
-        labels = append_answers(self.tokenizer, ids, suffix)  # None without a suffix
-        out = {"input_ids": left_pad(ids, self.pad_id),
-               "attention_mask": left_pad([[1] * len(row) for row in ids], 0)}
-        if labels is not None:
-            out["labels"] = left_pad(labels, -100)
+        out = text_inputs(self.tokenizer, ids, self.pad_id, suffix)
         if tiles:
             out["pixel_values"] = stack_pixels([normalize(x) for x in tiles])
         if frames:
@@ -797,8 +786,7 @@ def load(model=DEFAULT_MODEL, device=None, dtype=None, quantize=None):
     perception_lm = load_weights(partial(PerceptionLM, cfg), folder, rename, device, dtype,
                                  prepare)
     processor = Processor(folder, cfg)
-    processor.stop = stop_ids(folder, *processor.stop)
-    perception_lm.stop = processor.stop
+    perception_lm.stop = processor.stop  # the checkpoint's end ids
     perception_lm.pad_id = processor.pad_id
     return perception_lm, processor
 
@@ -826,16 +814,11 @@ def parse_args(argv=None):
     check_flags(args)
     if args.compile:
         raise VLMError("--compile is SmolVLM's for now; decode without it")
-    for flag, value in (("num-frames", args.num_frames), ("max-tiles", args.max_tiles)):
-        if value is not None and value <= 0:
-            raise VLMError(f"{flag} must be positive, got {value}")
-    if args.batch and args.video:
-        raise VLMError("--batch answers images: give --video without it")
     return args
 
 
 def main(argv=None):
-    from command_line import stream_answer
+    from command_line import stream_answer, timed_load
     args = parse_args(argv)
     if args.batch:
         from batch_runner import Batch
@@ -847,9 +830,7 @@ def main(argv=None):
     if args.video:
         frames, _ = read_video(args.video, uniform_frames(args.num_frames))
         videos.append(frames)
-    start = time.perf_counter()
-    model, processor = load(args.model, args.device, args.dtype, args.quantize)
-    load_seconds = time.perf_counter() - start
+    model, processor, load_seconds = timed_load(load, args.model, args)
     on_cpu = next(model.parameters()).device.type == "cpu"
     text = cli_prompt(processor, args, len(images), len(videos))
     if on_cpu:
@@ -861,13 +842,9 @@ def main(argv=None):
 
 def cli_prompt(processor, args, n_images, n_videos):
     """--prompt as a user turn of the chat template (images, then the video, then the text: the
-    template's order); with --raw, as typed."""
-    if args.raw:
-        return args.prompt
-    content = [{"type": "image"}] * n_images + [{"type": "video"}] * n_videos
-    content.append({"type": "text", "text": args.prompt})
-    messages = [{"role": "user", "content": content}]
-    return processor.apply_chat_template(messages, add_generation_prompt=True)
+    template's order); with --raw, as typed (command_line.user_turn)."""
+    from command_line import user_turn
+    return user_turn(processor, args, n_images, n_videos)
 
 
 def note_many_tiles(processor, images, max_tiles):

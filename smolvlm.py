@@ -16,7 +16,6 @@ P patches per tile, D vision width, C text width; in attention H query heads, K 
 head dim.
 """
 import math
-import time
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -27,11 +26,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from common import (
-    Embedding, KVCache, Linear, VLMError, append_answers, apply_rope, attend, check_args,
-    check_context, decode_ids, find_chat_template, from_dict, generate, image_tensor, left_pad,
+    Embedding, KVCache, Linear, VLMError, apply_rope, attend, check_args, check_context,
+    decode_ids, expand_placeholders, find_chat_template, from_dict, generate, image_tensor,
     load_weights, make_mask, next_token_loss, normalize, open_image, open_tokenizer, optional_json,
     read_json, read_video, render_template, resize, resolve, rope_cos_sin, rope_inv_freq,
-    rope_theta, split_answer, stop_ids, token_text,
+    rope_theta, split_answer, stop_ids, text_inputs, token_text,
 )
 
 # 256M parameters: fine on a laptop CPU
@@ -512,27 +511,12 @@ def rows_of_images(images, counts):
     """A flat list of images split into prompt rows by each prompt's placeholder count. Images
     beyond the placeholders form one more row, which the caller's count check then refuses."""
     rows = []
-    start = 0
     for count in counts:
-        rows.append(images[start:start + count])
-        start += count
-    if len(images) > start:
-        rows.append(images[start:])
+        rows.append(images[:count])
+        images = images[count:]
+    if images:
+        rows.append(images)
     return rows
-
-
-def expand_placeholders(text, token, blocks):
-    """Each `token` in the prompts replaced by the next prompt block, in order."""
-    expanded = []
-    next_block = 0
-    for prompt in text:
-        parts = prompt.split(token)
-        prompt = parts[0]
-        for part in parts[1:]:
-            prompt += blocks[next_block] + part
-            next_block += 1
-        expanded.append(prompt)
-    return expanded
 
 
 class Processor:
@@ -546,16 +530,15 @@ class Processor:
         self.tokenizer = open_tokenizer(folder)
         tokenizer_config = optional_json(folder / "tokenizer_config.json")
         # the variables a chat template sees, as transformers passes them
-        named = {key: token_text(tokenizer_config[key]) for key in SPECIAL_TOKENS
-                 if tokenizer_config.get(key)}
+        self.special = {key: token_text(tokenizer_config[key]) for key in SPECIAL_TOKENS
+                        if tokenizer_config.get(key)}
         extra = tokenizer_config.get("extra_special_tokens")
         if cfg.model_type == "smolvlm" and isinstance(extra, dict):
-            named.update(extra)  # SmolVLM2 names its image tokens here
-        self.special = named
-        self.image_token = named.get("image_token", "<image>")
-        self.fake_image_token = named.get("fake_image_token", "<fake_token_around_image>")
+            self.special.update(extra)  # SmolVLM2 names its image tokens here
+        self.image_token = self.special.get("image_token", "<image>")
+        self.fake_image_token = self.special.get("fake_image_token", "<fake_token_around_image>")
         # plain text in SmolVLM-Instruct (2.2B), a special token in the others
-        self.global_image_token = named.get("global_image_token", "<global-img>")
+        self.global_image_token = self.special.get("global_image_token", "<global-img>")
         self.video_token = "<video>"
 
         processor_config = optional_json(folder / "processor_config.json")
@@ -578,12 +561,13 @@ class Processor:
         self.video = self.video_settings(folder, cfg, processor_config, image_config)
         self.chat_template = find_chat_template(folder, processor_config)
 
-        self.pad_id = self.tokenizer.token_to_id(named.get("pad_token", "<|im_end|>"))
-        end_of_utterance = named.get("end_of_utterance_token", "<end_of_utterance>")
-        self.end_of_turn = end_of_utterance  # the last token of an answer, learned in training
-        end_tokens = {end_of_utterance, named.get("eos_token", end_of_utterance)}
-        end_ids = {self.tokenizer.token_to_id(token) for token in end_tokens}
-        self.stop = sorted(end_ids - {None})
+        self.pad_id = self.tokenizer.token_to_id(self.special.get("pad_token", "<|im_end|>"))
+        # the last token of an answer, learned in training
+        self.end_of_turn = self.special.get("end_of_utterance_token", "<end_of_utterance>")
+        end_tokens = [self.end_of_turn, self.special.get("eos_token", self.end_of_turn)]
+        end_ids = [self.tokenizer.token_to_id(token) for token in end_tokens]
+        # with config.json's and generation_config.json's (stop_ids drops a token not in the vocab)
+        self.stop = stop_ids(folder, *end_ids)
 
     @staticmethod
     def video_settings(folder, cfg, processor_config, image_config):
@@ -591,13 +575,8 @@ class Processor:
         processor from processor_config.json, else video_preprocessor_config.json, else
         preprocessor_config.json, where the image `size` replaces video_sampling's video_size (its
         code does so whenever both are present)."""
-        video_file = folder / "video_preprocessor_config.json"
-        if processor_config.get("video_processor"):
-            video_config = processor_config["video_processor"]
-        elif video_file.exists():
-            video_config = read_json(video_file)
-        else:
-            video_config = image_config
+        video_config = (processor_config.get("video_processor")
+                        or optional_json(folder / "video_preprocessor_config.json") or image_config)
         sampling = video_config.get("video_sampling")
         if cfg.model_type != "smolvlm" or not sampling:
             return None
@@ -671,8 +650,14 @@ class Processor:
         """A path (decoded with PyAV, sampled unless sample=False) or decoded frames (N, H, W, 3) or
         (N, 3, H, W) uint8 with optional metadata (sampled only if sample=True) -> uint8
         (n, 3, M, M) and the metadata."""
+
+        def pick(total, fps):  # a file's frames to decode (only those); duration = frames / fps
+            if sample is False:
+                return range(total)
+            return self.sample_frames(total, fps, total / fps, max_frames)
+
         if isinstance(video, (str, Path)):
-            frames, meta = self.read_video_file(video, sample, max_frames)
+            frames, meta = read_video(video, pick)
         else:
             frames, meta = self.decoded_video(video, metadata, sample, max_frames)
         # two resizes: the long side to `edge`, then a square tile (videos are not split)
@@ -680,16 +665,6 @@ class Processor:
         size = longest_edge_size(*frames.shape[-2:], settings["edge"])
         frames = resize(frames, size, settings["mode"])
         return resize(frames, (settings["tile"], settings["tile"]), settings["mode"]), meta
-
-    def read_video_file(self, path, sample, max_frames):
-        """Only the sampled frames are decoded (all with sample=False); duration = frames / fps."""
-
-        def pick(total, fps):
-            if sample is False:
-                return range(total)
-            return self.sample_frames(total, fps, total / fps, max_frames)
-
-        return read_video(path, pick)
 
     def decoded_video(self, video, metadata, sample, max_frames):
         """Frames given as an array -> uint8 (N, 3, H, W), sampled only when asked (which needs the
@@ -727,8 +702,8 @@ class Processor:
     # --- the whole input
 
     def image_inputs(self, text, images, split):
-        """-> per row the list of its images' uint8 tiles, and the prompt block of each image in
-        order."""
+        """-> per row the list of its images' uint8 tiles, and {<image>: the prompt block of each
+        image, in order}."""
         counts = [prompt.count(self.image_token) for prompt in text]
         if self.video and any(self.video_token in prompt for prompt in text):
             raise VLMError(f"the prompts have {self.video_token} placeholders but no videos were "
@@ -737,10 +712,9 @@ class Processor:
             if any(counts):
                 raise VLMError(f"the prompts have {sum(counts)} {self.image_token} placeholders "
                                "but no images were given")
-            return [], []
+            return [], {self.image_token: []}
         if not isinstance(images, (list, tuple)):
             images = [images]
-        images = list(images)
         if not any(isinstance(row, (list, tuple)) for row in images):
             images = rows_of_images(images, counts)
         given = [len(row) for row in images]
@@ -755,11 +729,11 @@ class Processor:
                 image_tiles, rows, cols = self.image_tiles(image, split)
                 tiles[-1].append(image_tiles)
                 blocks.append(self.image_prompt(rows, cols))
-        return tiles, blocks
+        return tiles, {self.image_token: blocks}
 
     def video_inputs(self, text, videos, metadata, sample, max_frames):
-        """-> per video its uint8 frames (transformers batches videos, not rows), and each one's
-        prompt block."""
+        """-> per video its uint8 frames (transformers batches videos, not rows), and {<video>: each
+        one's prompt block}."""
         if not self.video:
             raise VLMError("this SmolVLM 1 checkpoint does not take videos "
                            "(SmolVLM2 checkpoints do)")
@@ -772,16 +746,13 @@ class Processor:
         metas = metadata  # one for all, or one per video
         if not isinstance(metas, (list, tuple)):
             metas = [metadata] * len(videos)
-        frames = []
-        decoded_metas = []
-        for video, meta in zip(videos, metas):
-            video_frames, video_meta = self.video_frames(video, meta, sample, max_frames)
-            frames.append(video_frames)
-            decoded_metas.append(video_meta)
+        # per video: uint8 frames and the metadata of those kept
+        decoded = [self.video_frames(video, meta, sample, max_frames)
+                   for video, meta in zip(videos, metas)]
         # every prompt states the padded frame count, as transformers' do
-        n_frames = max(len(video_frames) for video_frames in frames)
-        blocks = [self.video_prompt(n_frames, meta) for meta in decoded_metas]
-        return [[video_frames] for video_frames in frames], blocks  # a pixel row per video
+        n_frames = max(len(frames) for frames, _ in decoded)
+        blocks = [self.video_prompt(n_frames, meta) for _, meta in decoded]
+        return [[frames] for frames, _ in decoded], {self.video_token: blocks}  # a row per video
 
     def __call__(self, text=None, images=None, videos=None, video_metadata=None,
                  do_sample_frames=None, num_frames=None, do_image_splitting=None, suffix=None):
@@ -798,20 +769,14 @@ class Processor:
         if images is not None and videos is not None:  # both fill pixel_values in transformers
             raise VLMError("give images or videos in one call, not both")
         if videos is not None:
-            token = self.video_token
             pixels, blocks = self.video_inputs(text, videos, video_metadata, do_sample_frames,
                                                num_frames)
         else:
-            token = self.image_token
             split = self.split if do_image_splitting is None else do_image_splitting
             pixels, blocks = self.image_inputs(text, images, split)
-        text = expand_placeholders(text, token, blocks)
+        text = expand_placeholders(text, blocks)
         ids = [encoding.ids for encoding in self.tokenizer.encode_batch(text)]
-        labels = append_answers(self.tokenizer, ids, suffix)  # None without a suffix
-        out = {"input_ids": left_pad(ids, self.pad_id),
-               "attention_mask": left_pad([[1] * len(row) for row in ids], 0)}
-        if labels is not None:
-            out["labels"] = left_pad(labels, -100)
+        out = text_inputs(self.tokenizer, ids, self.pad_id, suffix)
         if any(pixels):
             out.update(self.pad_pixels(pixels, videos is not None))
         return out
@@ -878,10 +843,7 @@ def load(model=DEFAULT_MODEL, device=None, dtype=None, quantize=None):
         from quantize import quantizer
         prepare = quantizer(quantize)
     smolvlm = load_weights(partial(SmolVLM, cfg), folder, hub_name, device, dtype, prepare)
-    # the processor's end tokens with config.json's and generation_config.json's
-    stop = stop_ids(folder, *processor.stop)
-    processor.stop = stop
-    smolvlm.stop = stop
+    smolvlm.stop = processor.stop  # the checkpoint's end ids
     smolvlm.pad_id = processor.pad_id
     return smolvlm, processor
 
@@ -889,23 +851,20 @@ def load(model=DEFAULT_MODEL, device=None, dtype=None, quantize=None):
 # ------------------------------------------------------------ command line
 
 def cli_prompt(processor, args, n_images):
-    """--prompt in the chat template with a placeholder per image or video; with --raw, as typed
-    (the placeholders put first if it has none)."""
-    if args.raw:
-        token = processor.video_token if args.video else processor.image_token
-        n_media = n_images + bool(args.video)
-        if n_media and token not in args.prompt:
-            return token * n_media + args.prompt
-        return args.prompt
-    content = [{"type": "image"} for _ in range(n_images)]
-    if args.video:
-        content.append({"type": "video"})
-    content.append({"type": "text", "text": args.prompt})
-    return processor.apply_chat_template([{"role": "user", "content": content}])
+    """--prompt as a user turn of the chat template with a placeholder per image or video
+    (command_line.user_turn); with --raw, as typed, the placeholders put first if it has none."""
+    from command_line import user_turn
+    n_videos = int(bool(args.video))  # the command line takes one --video
+    n_media = n_images + n_videos
+    token = processor.video_token if n_videos else processor.image_token
+    if args.raw and n_media and token not in args.prompt:
+        return token * n_media + args.prompt
+    return user_turn(processor, args, n_images, n_videos)
 
 
 def parse_args(argv=None):
-    """The command line's arguments, checked before anything slow (one line, exit code 1)."""
+    """The command line's arguments, checked before anything slow (one line, exit code 1; the
+    --video and --num-frames checks are command_line.check_flags')."""
     from command_line import check_flags, cli_parser
     parser = cli_parser("Describe images and videos, or answer questions about them, with "
                         "SmolVLM / SmolVLM2.", DEFAULT_MODEL)
@@ -917,10 +876,6 @@ def parse_args(argv=None):
                              "per image is put first if it has none)")
     args = parser.parse_args(argv)
     check_flags(args)
-    if args.num_frames is not None and args.num_frames <= 0:
-        raise VLMError(f"num-frames must be positive, got {args.num_frames}")
-    if args.batch and args.video:
-        raise VLMError("--batch answers images: give --video without it")
     return args
 
 
@@ -943,7 +898,7 @@ def batch_answerer(args):
 
 
 def main(argv=None):
-    from command_line import stream_answer
+    from command_line import stream_answer, timed_load
     args = parse_args(argv)
     if args.batch:
         from batch_runner import Batch
@@ -957,9 +912,7 @@ def main(argv=None):
     videos = [args.video] if args.video else None
     # a bad video fails here, before the slow load
     inputs = processor(text=[prompt], images=image_rows, videos=videos, num_frames=args.num_frames)
-    start = time.perf_counter()
-    model, processor = load(str(folder), args.device, args.dtype, args.quantize)
-    load_seconds = time.perf_counter() - start
+    model, processor, load_seconds = timed_load(load, str(folder), args)
     stream_answer(model, processor, inputs, args, load_seconds, model.model.vision_model)
 
 

@@ -1,6 +1,7 @@
 """common.py on its own: masks, attention, RoPE, sampling, loading. (Its error messages are tested
 through the three CLIs and the API in test_errors.py.)"""
 import json
+import types
 
 import torch
 import torch.nn as nn
@@ -164,3 +165,21 @@ def test_stop_ids_union(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(config))
     (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [5]}))
     assert common.stop_ids(tmp_path, 9, None) == [1, 5, 9, 107]
+
+
+def test_placeholders_and_text_inputs():
+    """expand_placeholders fills each placeholder with the next text of its own list, across the
+    prompts and with two kinds interleaved, never reading a placeholder in what it put in;
+    text_inputs left-pads, and with answers appends them, labels -100 on the prompt."""
+    blocks = {"<i>": ["I1<i>", "I2"], "<v>": ["V1"]}
+    assert common.expand_placeholders(["a<i>b<v>", "<i>c"], blocks) == ["aI1<i>bV1", "I2c"]
+
+    class Tokenizer:  # one id per character
+        def encode(self, text, add_special_tokens):
+            return types.SimpleNamespace(ids=[ord(c) for c in text])
+
+    inputs = common.text_inputs(Tokenizer(), [[1, 2, 3], [4]], pad_id=0, answers=["x", "yz"])
+    assert inputs["input_ids"].tolist() == [[1, 2, 3, 120], [0, 4, 121, 122]]
+    assert inputs["attention_mask"].tolist() == [[1, 1, 1, 1], [0, 1, 1, 1]]
+    assert inputs["labels"].tolist() == [[-100, -100, -100, 120], [-100, -100, 121, 122]]
+    assert set(common.text_inputs(Tokenizer(), [[5]], pad_id=0)) == {"input_ids", "attention_mask"}
