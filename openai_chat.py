@@ -185,9 +185,14 @@ def generation_settings(body, context):
     max_tokens = number(body, "max_tokens", DEFAULT_MAX_TOKENS, 1, context, integer=True)
     max_tokens = number(body, "max_completion_tokens", max_tokens, 1, context, integer=True)
     settings = {"temperature": number(body, "temperature", 0.0, 0, 2),
-                "top_p": number(body, "top_p", None, 0, 1),  # 0: only the likeliest token
+                "top_p": number(body, "top_p", None, 0, 1),
                 "top_k": number(body, "top_k", None, 1, 2**31, integer=True),  # as vLLM takes
                 "seed": number(body, "seed", None, 0, 2**63 - 1, integer=True)}
+    if settings["top_p"] == 0:  # only the likeliest token: greedy (generate() takes (0, 1])
+        settings["temperature"] = 0.0
+    if settings["temperature"] == 0:  # top_p and top_k change nothing: greedy requests match
+        settings["top_p"] = None
+        settings["top_k"] = None
     stops = body.get("stop") or []
     if isinstance(stops, str):
         stops = [stops]

@@ -250,6 +250,18 @@ def test_stream_holds_back_partial_characters_and_stop_prefixes():
 GREEDY = {"temperature": 0.0, "top_p": None, "top_k": None, "seed": None}  # generate()'s keywords
 
 
+def test_settings_greedy_requests_match_and_top_p_0_is_greedy():
+    """What generate() gets: top_p 0 (OpenAI allows it, generate() takes (0, 1]) keeps only the
+    likeliest token, which is greedy; a greedy request's top_p and top_k change nothing, so they
+    are dropped and greedy requests share a batch."""
+    greedy = (GREEDY, 100, [])  # settings, max_tokens, stops
+    for body in [{}, {"top_p": 0.9}, {"top_k": 5, "top_p": 0.5}, {"temperature": 1, "top_p": 0}]:
+        assert openai_chat.generation_settings(body, 1000) == greedy, body
+    sampled = {"temperature": 0.7, "top_p": 0.9, "stop": "x", "max_completion_tokens": 7}
+    assert openai_chat.generation_settings(sampled, 1000) == (
+        {"temperature": 0.7, "top_p": 0.9, "top_k": None, "seed": None}, 7, ["x"])
+
+
 def test_a_request_becomes_what_the_worker_needs(ckpt):
     """The body's bytes -> the prompt, the images, the processor's output for it alone, the
     settings and how to answer; bad JSON and a prompt past the context refused."""
@@ -546,6 +558,8 @@ def test_bad_requests_get_4xx_and_the_server_goes_on(servers):
     error_of(*get(url, headers))  # GET where only POST is served: 405
     local = with_part(image_part(str(server.allowed / "ok.png")))  # a file it may read
     assert request("POST", url, local, headers)[0] == 200
+    status, reply = request("POST", url, {**good, "top_p": 0}, headers)  # OpenAI's range: greedy
+    assert status == 200, reply
     connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
     connection.putrequest("POST", "/v1/chat/completions")
     for name, value in [*headers.items(), ("Content-Length", str(33 * 2**20))]:
