@@ -91,10 +91,10 @@ class Row:
             self.job.send("text", delta)
         if reason is not None:
             text = self.answer.text
-            self.done = True
             fields = self.worker.describe(self.job.request, text)
             self.job.send("end", {"text": text, "finish_reason": reason,
                                   "usage": self.answer.usage(), "fields": fields})
+            self.done = True  # only now: a row whose end failed gets generate()'s error
         return self.done
 
 

@@ -342,6 +342,28 @@ def test_a_row_ends_at_its_end_token_limit_stop_string_or_client():
     assert row.push("b") is True and events_of(job) == [("text", "a")]
 
 
+def test_a_row_whose_end_fails_gets_the_error():
+    """generate() sends its error to each row that has not ended: a row whose end could not be
+    made (here PaliGemma's objects) has not, so its client gets the error, never waits forever."""
+    args = argparse.Namespace(max_queue=1, allowed_local_dir=None)
+    worker = serve.Worker(args, paligemma, None)  # not loaded
+
+    def generate(input_ids, attention_mask, max_new_tokens, stream, temperature, top_p, top_k,
+                 seed):
+        stream(torch.tensor([7]))  # one new id: the row ends at its max_tokens
+
+    def describe(request, text):
+        raise ValueError("no objects")
+
+    worker.model = argparse.Namespace(generate=generate, stop=[])
+    worker.processor = argparse.Namespace(decode=str)
+    worker.device = "cpu"
+    worker.describe = describe
+    job = job_for(1)
+    worker.generate([job])
+    assert events_of(job) == [("text", "[7]"), ("error", "no objects")]
+
+
 def test_paligemma_objects_with_masks():
     """The objects of a segment answer, as the CLI's --json gives them, masks included."""
     args = argparse.Namespace(max_queue=1, allowed_local_dir=None)
