@@ -120,7 +120,7 @@ class Worker:
             self.mask_decoder = None
             if self.family is paligemma:
                 self.mask_decoder = self.load_mask_decoder()
-        except VLMError as e:
+        except Exception as e:  # ours or not, a failed load stops the server (never a 503 forever)
             self.error = e
             server.should_exit = True
             return

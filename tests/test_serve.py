@@ -364,6 +364,19 @@ def test_a_row_whose_end_fails_gets_the_error():
     assert events_of(job) == [("text", "[7]"), ("error", "no objects")]
 
 
+def test_a_failed_load_stops_the_server():
+    """Any error while loading, ours or not (out of memory), stops the server with it: never a
+    server that answers 503 'still loading' forever."""
+    def load(folder, device, dtype, quantize):
+        raise RuntimeError("out of memory")
+
+    args = argparse.Namespace(max_queue=1, device=None, dtype=None, quantize=None)
+    worker = serve.Worker(args, argparse.Namespace(load=load), "checkpoint")
+    server = argparse.Namespace(should_exit=False)
+    worker.run(server)
+    assert server.should_exit and str(worker.error) == "out of memory"
+
+
 def test_paligemma_objects_with_masks():
     """The objects of a segment answer, as the CLI's --json gives them, masks included."""
     args = argparse.Namespace(max_queue=1, allowed_local_dir=None)
