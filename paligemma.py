@@ -829,6 +829,16 @@ def json_objects(objects, masks):
     return listed
 
 
+def answer_objects(text, image, decoder):
+    """An answer about `image` -> its objects as JSON (json_objects), masks only with the mask
+    `decoder`: the fields of --batch's lines and of serve.py's messages."""
+    objects = parse_objects(text, image.width, image.height)
+    masks = [None] * len(objects)
+    if decoder is not None:
+        masks = decode_masks(decoder, objects, image.width, image.height)
+    return json_objects(objects, masks)
+
+
 # ------------------------------------------------------------ command line
 
 def parse_args(argv=None):
@@ -887,11 +897,7 @@ def batch_answerer(args):
         return processor(text=[args.prompt] * len(images), images=[[image] for image in images])
 
     def describe(text, image):
-        objects = parse_objects(text, image.width, image.height)
-        masks = [None] * len(objects)
-        if decoder is not None:
-            masks = decode_masks(decoder, objects, image.width, image.height)
-        return {"objects": json_objects(objects, masks)}
+        return {"objects": answer_objects(text, image, decoder)}
 
     context = Config.from_folder(folder).text.max_position_embeddings
     check_prompt(make_inputs, processor.tokenizer, context, args)

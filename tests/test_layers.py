@@ -38,7 +38,18 @@ def imports_of(name):
 def test_the_tool_files_are_there():
     tools = OURS - set(MODELS) - {"common", "finetune", "serve"}
     assert {"quantize", "compiled", "command_line", "batch_runner", "atomic_file", "image_files",
-            "lora"} <= tools
+            "lora", "openai_chat"} <= tools
+
+
+def test_the_chat_protocol_imports_no_http_stack():
+    """openai_chat.py, the OpenAI protocol serve.py speaks, is plain Python: importing it (and all
+    it imports) loads neither FastAPI, Starlette nor uvicorn, so it is tested without a server."""
+    script = ("import sys\nimport openai_chat\n"
+              "print(sorted(sys.modules.keys() & {'fastapi', 'starlette', 'uvicorn', 'serve'}))")
+    r = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.strip() == "[]"
 
 
 def test_common_imports_no_file_of_ours():

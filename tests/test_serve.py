@@ -1,9 +1,10 @@
-"""serve.py, the OpenAI-compatible server: the mapping of a request to each family's prompt (no
-server), then each family's fixture served by `python serve.py` on a free local port and driven by
-the official `openai` client: answers equal to the CLI's, streamed deltas that join to the same
-text, concurrent requests batched and equal to their sequential answers, every bad request a 4xx
-with a one-line OpenAI error object (and the server still serving), the API key, and clients that
-go away in the middle of an answer."""
+"""serve.py, the OpenAI-compatible server. Without a server: its protocol (openai_chat.py: the
+mapping of a request to each family's prompt, the checks of its fields and media, an answer's text)
+and its worker (rows, batches, the queue, a failed load). Then each family's fixture served by
+`python serve.py` on a free local port and driven by the official `openai` client: answers equal to
+the CLI's, streamed deltas that join to the same text, concurrent requests batched and equal to
+their sequential answers, every bad request a 4xx with a one-line OpenAI error object (and the
+server still serving), the API key, and clients that go away in the middle of an answer."""
 import argparse
 import base64
 import http.client
@@ -24,6 +25,7 @@ import pytest
 import torch
 from PIL import Image
 
+import openai_chat
 import paligemma
 import paligemma_fixture
 import perception_lm
@@ -183,7 +185,7 @@ def test_chat_becomes_the_cli_prompt(ckpt):
                                (perception_lm, lambda p: perception_lm.cli_prompt(p, cli_args,
                                                                                   1, 0))]:
         processor = processor_of(module, ckpt[module.__name__])
-        prompt, found = serve.chat_prompt(messages, module, processor)
+        prompt, found = openai_chat.chat_prompt(messages, module, processor)
         assert prompt == cli_prompt(processor)
         assert found == {"image": [(data_url(image), "messages[0].content[0].image_url")],
                          "video": []}
@@ -195,18 +197,18 @@ def test_chat_becomes_the_cli_prompt(ckpt):
                                                  {"type": "text", "text": "and this?"}]},
                     {"role": "assistant", "content": [{"type": "text", "text": "A cat."}]},
                     {"role": "user", "content": [{"type": "text", "text": "Why?"}]}]
-        prompt, _ = serve.chat_prompt(chat, module, processor)
+        prompt, _ = openai_chat.chat_prompt(chat, module, processor)
         assert prompt == processor.apply_chat_template(expected)
         assert "Be brief." in prompt and "A cat." in prompt
     processor = processor_of(paligemma, ckpt["paligemma"])
-    prompt, found = serve.chat_prompt(user("detect ", image, "cat"), paligemma, processor)
+    prompt, found = openai_chat.chat_prompt(user("detect ", image, "cat"), paligemma, processor)
     assert prompt == "detect cat" and len(found["image"]) == 1
     for chat, message in [([{"role": "system", "content": "x"}, *user(image, "caption en")],
                            "no chat template"),
                           (user(image, "caption en") * 2, "no chat template"),
                           (user("caption en"), "needs an image")]:
-        with pytest.raises(serve.ApiError, match=message) as e:
-            serve.chat_prompt(chat, paligemma, processor)
+        with pytest.raises(openai_chat.ApiError, match=message) as e:
+            openai_chat.chat_prompt(chat, paligemma, processor)
         assert e.value.status == 400
 
 
@@ -218,10 +220,10 @@ def test_urls_data_remote_and_local(tmp_path):
     (allowed / "link.png").symlink_to(tmp_path / "secret.png")
     closed = argparse.Namespace(allow_remote_images=False, allowed_local_dir=None)
     local = argparse.Namespace(allow_remote_images=False, allowed_local_dir=allowed)
-    assert serve.read_url(data_url(b"\x00\x01"), "x", closed) == b"\x00\x01"
-    assert serve.read_url(str(allowed / "a.png"), "x", local) == b"inside"
-    assert serve.read_url("a.png", "x", local) == b"inside"  # relative to the folder
-    assert serve.read_url(f"file://{allowed}/a.png", "x", local) == b"inside"
+    assert openai_chat.read_url(data_url(b"\x00\x01"), "x", closed) == b"\x00\x01"
+    assert openai_chat.read_url(str(allowed / "a.png"), "x", local) == b"inside"
+    assert openai_chat.read_url("a.png", "x", local) == b"inside"  # relative to the folder
+    assert openai_chat.read_url(f"file://{allowed}/a.png", "x", local) == b"inside"
     refused = [("data:image/png;base64,not base64!", closed, "not valid base64"),
                ("data:image/png,rawbytes", closed, "data:<type>;base64"),
                ("https://example.com/cat.png", closed, "--allow-remote-images"),  # no network
@@ -232,17 +234,60 @@ def test_urls_data_remote_and_local(tmp_path):
                ("ftp://example.com/cat.png", local, "cannot be read"),  # a name in the folder
                ("missing.png", local, "cannot be read")]
     for url, args, message in refused:
-        with pytest.raises(serve.ApiError, match=message) as e:
-            serve.read_url(url, "messages[0].content[0]", args)
+        with pytest.raises(openai_chat.ApiError, match=message) as e:
+            openai_chat.read_url(url, "messages[0].content[0]", args)
         assert e.value.status == 400 and e.value.param == "messages[0].content[0]"
 
 
 def test_stream_holds_back_partial_characters_and_stop_prefixes():
-    assert serve.sendable("abc", []) == 3
-    assert serve.sendable("ab\ufffd", []) == 2  # a character still missing a byte
-    assert serve.sendable("abc ST", ["STOP"]) == 4  # "ST" may begin "STOP"
-    assert serve.sendable("abc SX", ["STOP"]) == 6
-    assert serve.sendable("abc S", ["xyz", "S!"]) == 4
+    assert openai_chat.sendable("abc", []) == 3
+    assert openai_chat.sendable("ab\ufffd", []) == 2  # a character still missing a byte
+    assert openai_chat.sendable("abc ST", ["STOP"]) == 4  # "ST" may begin "STOP"
+    assert openai_chat.sendable("abc SX", ["STOP"]) == 6
+    assert openai_chat.sendable("abc S", ["xyz", "S!"]) == 4
+
+
+GREEDY = {"temperature": 0.0, "top_p": None, "top_k": None, "seed": None}  # generate()'s keywords
+
+
+def test_settings_greedy_requests_match_and_top_p_0_is_greedy():
+    """What generate() gets: top_p 0 (OpenAI allows it, generate() takes (0, 1]) keeps only the
+    likeliest token, which is greedy; a greedy request's top_p and top_k change nothing, so they
+    are dropped and greedy requests share a batch."""
+    greedy = (GREEDY, 100, [])  # settings, max_tokens, stops
+    for body in [{}, {"top_p": 0.9}, {"top_k": 5, "top_p": 0.5}, {"temperature": 1, "top_p": 0}]:
+        assert openai_chat.generation_settings(body, 1000) == greedy, body
+    sampled = {"temperature": 0.7, "top_p": 0.9, "stop": "x", "max_completion_tokens": 7}
+    assert openai_chat.generation_settings(sampled, 1000) == (
+        {"temperature": 0.7, "top_p": 0.9, "top_k": None, "seed": None}, 7, ["x"])
+
+
+def test_a_request_becomes_what_the_worker_needs(ckpt):
+    """The body's bytes -> the prompt, the images, the processor's output for it alone, the
+    settings and how to answer; bad JSON and a prompt past the context refused."""
+    processor = processor_of(smolvlm, ckpt["smolvlm"])
+    media = argparse.Namespace(allow_remote_images=False, allowed_local_dir=None)
+    image = png((40, 30), 5)
+    body = {"messages": user(image, "Hi"), "stream": True, "max_tokens": 5, "stop": "x",
+            "stream_options": {"include_usage": True}, "seed": 3}
+    data = json.dumps(body).encode()
+    request = openai_chat.parse_request(data, smolvlm, processor, 8192, media)
+    prompt, _ = openai_chat.chat_prompt(body["messages"], smolvlm, processor)
+    alone = processor(text=[prompt], images=[[Image.open(io.BytesIO(image))]])
+    assert request.prompt == prompt and [im.size for im in request.images] == [(40, 30)]
+    assert request.inputs.keys() == alone.keys()
+    assert all(torch.equal(request.inputs[name], alone[name]) for name in alone)
+    assert (request.max_tokens, request.stops, request.settings["seed"]) == (5, ["x"], 3)
+    assert request.stream and request.include_usage and request.alone  # seeded: alone
+    plain = openai_chat.parse_request(json.dumps({"messages": user("Hi")}).encode(), smolvlm,
+                                      processor, 8192, media)
+    assert not (plain.stream or plain.include_usage or plain.alone) and plain.images == []
+    n_tokens = request.inputs["input_ids"].shape[1]
+    for bad, context, message in [(b"{", 8192, "not JSON"), (b"[]", 8192, "a JSON object"),
+                                  (data, n_tokens + 4, f"prompt \\({n_tokens} tokens\\)")]:
+        with pytest.raises(openai_chat.ApiError, match=message) as e:
+            openai_chat.parse_request(bad, smolvlm, processor, context, media)
+        assert e.value.status == 400
 
 
 class FakeJob(serve.Job):
@@ -253,8 +298,9 @@ class FakeJob(serve.Job):
 def job_for(max_tokens, stops=(), images=(), settings=None, alone=False):
     inputs = {"input_ids": torch.zeros(1, 5, dtype=torch.long),
               "attention_mask": torch.tensor([[0, 0, 1, 1, 1]])}  # 3 prompt tokens, 2 pads
-    return FakeJob("", list(images), inputs, settings or {}, max_tokens, list(stops), alone,
-                   True, serve.asyncio.Queue(), None, arrived=time.monotonic())
+    request = openai_chat.ChatRequest("", list(images), inputs, settings or GREEDY, max_tokens,
+                                      list(stops), alone, stream=True, include_usage=False)
+    return FakeJob(request, serve.asyncio.Queue(), None, arrived=time.monotonic())
 
 
 def events_of(job):
@@ -268,7 +314,7 @@ def fake_worker(decode="".join):
     """What a Row uses of its worker: the processor's decode, the end ids, describe()."""
     return argparse.Namespace(processor=argparse.Namespace(decode=decode),
                               model=argparse.Namespace(stop=["<end>"]),
-                              describe=lambda job, text: {"objects": [text]})
+                              describe=lambda request, text: {"objects": [text]})
 
 
 def test_a_row_ends_at_its_end_token_limit_stop_string_or_client():
@@ -296,6 +342,41 @@ def test_a_row_ends_at_its_end_token_limit_stop_string_or_client():
     assert row.push("b") is True and events_of(job) == [("text", "a")]
 
 
+def test_a_row_whose_end_fails_gets_the_error():
+    """generate() sends its error to each row that has not ended: a row whose end could not be
+    made (here PaliGemma's objects) has not, so its client gets the error, never waits forever."""
+    args = argparse.Namespace(max_queue=1, allowed_local_dir=None)
+    worker = serve.Worker(args, paligemma, None)  # not loaded
+
+    def generate(input_ids, attention_mask, max_new_tokens, stream, temperature, top_p, top_k,
+                 seed):
+        stream(torch.tensor([7]))  # one new id: the row ends at its max_tokens
+
+    def describe(request, text):
+        raise ValueError("no objects")
+
+    worker.model = argparse.Namespace(generate=generate, stop=[])
+    worker.processor = argparse.Namespace(decode=str)
+    worker.device = "cpu"
+    worker.describe = describe
+    job = job_for(1)
+    worker.generate([job])
+    assert events_of(job) == [("text", "[7]"), ("error", "no objects")]
+
+
+def test_a_failed_load_stops_the_server():
+    """Any error while loading, ours or not (out of memory), stops the server with it: never a
+    server that answers 503 'still loading' forever."""
+    def load(folder, device, dtype, quantize):
+        raise RuntimeError("out of memory")
+
+    args = argparse.Namespace(max_queue=1, device=None, dtype=None, quantize=None)
+    worker = serve.Worker(args, argparse.Namespace(load=load), "checkpoint")
+    server = argparse.Namespace(should_exit=False)
+    worker.run(server)
+    assert server.should_exit and str(worker.error) == "out of memory"
+
+
 def test_paligemma_objects_with_masks():
     """The objects of a segment answer, as the CLI's --json gives them, masks included."""
     args = argparse.Namespace(max_queue=1, allowed_local_dir=None)
@@ -305,7 +386,7 @@ def test_paligemma_objects_with_masks():
     text = "<loc0100><loc0200><loc0700><loc0900>" + "".join(
         f"<seg{i:03d}>" for i in range(16)) + " cat"
     image = Image.new("RGB", (60, 40))
-    fields = worker.describe(job_for(1, images=[image]), text)
+    fields = worker.describe(job_for(1, images=[image]).request, text)
     objects = paligemma.parse_objects(text, 60, 40)
     masks = paligemma.decode_masks(worker.mask_decoder, objects, 60, 40)
     assert fields == {"objects": paligemma.json_objects(objects, masks)}
@@ -319,20 +400,19 @@ def test_batches_group_the_requests_that_can_share_one():
     worker = serve.Worker(args, smolvlm, None)  # not loaded
     worker.model = argparse.Namespace(cfg=argparse.Namespace(
         text=argparse.Namespace(max_position_embeddings=100)))
-    greedy = {"temperature": 0.0, "top_p": None, "top_k": None, "seed": None}
-    jobs = {name: job_for(10, settings=greedy) for name in "ABDF"}
-    jobs["C"] = job_for(10, settings={**greedy, "seed": 1}, alone=True)
+    jobs = {name: job_for(10) for name in "ABDF"}
+    jobs["C"] = job_for(10, settings={**GREEDY, "seed": 1}, alone=True)
     jobs["D"].cancelled = True
-    jobs["E"] = job_for(96, settings=greedy)  # 5 prompt tokens + 96 > 100 beside any other
+    jobs["E"] = job_for(96)  # 5 prompt tokens + 96 > 100 beside any other
     for name in "ABCDEF":
         worker.submit(jobs[name])
     batches = ["".join(name for job in worker.next_batch() for name in jobs if jobs[name] is job)
                for _ in range(4)]
     assert batches == ["AB", "C", "E", "F"]
-    first = job_for(10, settings=greedy)
+    first = job_for(10)
     worker.submit(first)
     worker.preparing = 1  # a second request is still being preprocessed: the batch waits for it
-    second = job_for(10, settings=greedy)
+    second = job_for(10)
 
     def arrives():
         time.sleep(0.3)
@@ -348,7 +428,7 @@ def test_a_full_queue_is_refused():
     worker = serve.Worker(args, smolvlm, None)  # not loaded
     worker.submit(job_for(1))
     worker.submit(job_for(1))
-    with pytest.raises(serve.ApiError, match="busy") as e:
+    with pytest.raises(openai_chat.ApiError, match="busy") as e:
         worker.submit(job_for(1))
     assert e.value.status == 503
 
@@ -389,7 +469,7 @@ def test_answers_equal_the_cli_streamed_or_not(family, servers, ckpt, tmp_path):
     else:
         assert cli.stdout == text + "\n"
     processor = processor_of(module, ckpt[family])
-    prompt, _ = serve.chat_prompt(messages, module, processor)
+    prompt, _ = openai_chat.chat_prompt(messages, module, processor)
     prompt_tokens = processor(text=[prompt], images=[[Image.open(io.BytesIO(image))]])
     assert whole.usage.prompt_tokens == prompt_tokens["input_ids"].shape[1]  # image tokens in
     n_tokens = whole.usage.completion_tokens
@@ -513,6 +593,8 @@ def test_bad_requests_get_4xx_and_the_server_goes_on(servers):
     error_of(*get(url, headers))  # GET where only POST is served: 405
     local = with_part(image_part(str(server.allowed / "ok.png")))  # a file it may read
     assert request("POST", url, local, headers)[0] == 200
+    status, reply = request("POST", url, {**good, "top_p": 0}, headers)  # OpenAI's range: greedy
+    assert status == 200, reply
     connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
     connection.putrequest("POST", "/v1/chat/completions")
     for name, value in [*headers.items(), ("Content-Length", str(33 * 2**20))]:
@@ -576,7 +658,7 @@ def test_a_video_url_answers_as_the_cli(servers, ckpt, tmp_path):
     reply = answer(servers["perception_lm"].client(), messages, max_tokens=6)
     assert cli.stdout == reply.choices[0].message.content + "\n"
     processor = processor_of(perception_lm, ckpt["perception_lm"])
-    prompt, _ = serve.chat_prompt(messages, perception_lm, processor)
+    prompt, _ = openai_chat.chat_prompt(messages, perception_lm, processor)
     inputs = processor(text=[prompt], videos=[str(video)])
     assert reply.usage.prompt_tokens == inputs["input_ids"].shape[1]  # the frames' tokens in
     status, body = request("POST", servers["perception_lm"].url + "/v1/chat/completions",
