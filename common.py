@@ -563,23 +563,6 @@ def render_template(template, messages, **variables):
         raise VLMError(f"chat template: {e}") from None
 
 
-def split_answer(render, messages, end_token):
-    """Training data from a conversation whose last message is the assistant's answer -> (prompt,
-    answer): the prompt as the chat template renders it for generation, the answer as the template
-    continues it, up to and including the end-of-turn token (what the template writes after that
-    token, SmolVLM's "\\n", comes before the next turn and is not learned). `render(messages,
-    add_generation_prompt)` is the processor's apply_chat_template."""
-    if not messages or messages[-1].get("role") != "assistant":
-        raise VLMError("a training conversation must end with the assistant's answer")
-    prompt = render(messages[:-1], add_generation_prompt=True)
-    whole = render(messages, add_generation_prompt=False)
-    answer = whole[len(prompt):]
-    if not whole.startswith(prompt) or end_token not in answer:
-        raise VLMError("the chat template does not write the answer after the generation prompt")
-    end = answer.index(end_token) + len(end_token)
-    return prompt, answer[:end]
-
-
 def expand_placeholders(prompts, blocks):
     """Each placeholder in the prompts replaced by the next text of its list, in order across the
     prompts: `blocks` is {placeholder: [the text each of its occurrences stands for, ...]}."""

@@ -6,19 +6,19 @@
 The data is one JSON object a line: {"image": path | "images": [paths] | "video": path, "prompt":
 text, "answer": text}, paths relative to the data file. The model learns the answer only: the
 chat families get the checkpoint's chat template around the prompt and learn the answer and its
-end-of-turn token (processor.prompt_and_answer); PaliGemma learns the answer and <eos> after its
-prefix (processor(..., suffix=...)). Every line is read and encoded before the first step, and a bad
-one stops the run with its line number. The output is a checkpoint in the Hub layout that
+end-of-turn token (training_data.prompt_and_answer); PaliGemma learns the answer and <eos> after
+its prefix (processor(..., suffix=...)). Every line is read and encoded before the first step, and
+a bad one stops the run with its line number. The output is a checkpoint in the Hub layout that
 `load(DIR)` of the model file, and transformers, both load.
 
-Read top to bottom: the families, the data, what trains (LoRA adapters from lora.py), the learning
-rate, saving, the training loop, the command line.
+Read top to bottom: the families, what trains (LoRA adapters from lora.py), the learning rate,
+saving, the training loop, the command line. The data (reading, encoding with answer-only labels,
+the checks before the first step, the batches) is in training_data.py.
 """
 import argparse
 import datetime
 import json
 import math
-import random
 import shutil
 import sys
 import tempfile
@@ -34,8 +34,9 @@ import paligemma
 import perception_lm
 import smolvlm
 from command_line import run_cli
-from common import VLMError, checkpoint_files, open_image, read_json, resolve, tied_parameters
+from common import VLMError, checkpoint_files, read_json, resolve, tied_parameters
 from lora import add_lora, merge_lora
+from training_data import batches, check_examples, encode, read_examples
 
 # ------------------------------------------------------------ the families
 
@@ -49,109 +50,6 @@ TOP_LEVEL_PARTS = dict(vision=["vision_tower"], projector=["multi_modal_projecto
 PARTS = {"paligemma": TOP_LEVEL_PARTS, "perception_lm": TOP_LEVEL_PARTS,
          "smolvlm": dict(vision=["model.vision_model"], projector=["model.connector"],
                          decoder=["model.text_model", "lm_head"])}
-
-
-# ------------------------------------------------------------ data
-
-def read_examples(path):
-    """The data file -> examples {"where", "images", "videos", "prompt", "answer"}, each line
-    checked for its fields and its files (the encoding is checked once the processor is there)."""
-    path = Path(path)
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as e:
-        why = getattr(e, "strerror", None) or e
-        raise VLMError(f"data {path} cannot be read ({why})") from None
-    examples = []
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        where = f"{path} line {number}"
-        try:
-            item = json.loads(line)
-        except ValueError as e:
-            raise VLMError(f"{where}: not JSON ({e})") from None
-        if not isinstance(item, dict):
-            raise VLMError(f"{where}: not a JSON object")
-        for field in ("prompt", "answer"):
-            if not isinstance(item.get(field), str):
-                raise VLMError(f"{where}: no {field!r} text")
-        media = [key for key in ("image", "images", "video") if key in item]
-        if len(media) != 1:
-            raise VLMError(f"{where}: give one of 'image', 'images' or 'video'")
-        images = item.get("images", [item["image"]] if "image" in item else [])
-        videos = [item["video"]] if "video" in item else []
-        if not isinstance(images, list) or not images + videos:
-            raise VLMError(f"{where}: 'images' must be a non-empty list of paths")
-        paths = images + videos
-        if not all(isinstance(name, str) for name in paths):
-            raise VLMError(f"{where}: the image and video paths must be text")
-        for name in paths:
-            if not (path.parent / name).is_file():
-                raise VLMError(f"{where}: {path.parent / name} not found")
-        examples.append(dict(where=where, images=[path.parent / f for f in images],
-                             videos=[str(path.parent / f) for f in videos],
-                             prompt=item["prompt"], answer=item["answer"]))
-    if not examples:
-        raise VLMError(f"data {path} holds no examples")
-    return examples
-
-
-def encode(family, processor, examples):
-    """Examples -> one left-padded batch of model inputs whose labels cover the answers only."""
-    images = [[open_image(name) for name in example["images"]] for example in examples]
-    videos = [video for example in examples for video in example["videos"]]
-    if family is paligemma:
-        if videos:
-            raise VLMError("PaliGemma reads images, not videos")
-        prompts = [example["prompt"] for example in examples]
-        answers = [example["answer"] for example in examples]
-        return processor(text=prompts, images=images, suffix=answers)
-    prompts = []
-    template_answers = []  # the answers as the chat template writes them, end-of-turn token last
-    for example in examples:
-        content = [{"type": "image"} for _ in example["images"]]
-        content += [{"type": "video"} for _ in example["videos"]]
-        content.append({"type": "text", "text": example["prompt"]})
-        answer = [{"type": "text", "text": example["answer"]}]
-        messages = [{"role": "user", "content": content}, {"role": "assistant", "content": answer}]
-        prompt, template_answer = processor.prompt_and_answer(messages)
-        prompts.append(prompt)
-        template_answers.append(template_answer)
-    return processor(text=prompts, images=images if any(images) else None,
-                     videos=videos or None, suffix=template_answers)
-
-
-def check_examples(family, processor, examples, context, batch_size):
-    """Encode every example once, before training: a bad image or video, a prompt the processor
-    refuses, an answer holding the end-of-turn text (its labels would stop there), or a prompt and
-    answer longer than the context stop here, naming the line."""
-    end = processor.eos if family is paligemma else processor.end_of_turn  # what ends an answer
-    for example in examples:
-        if end in example["answer"]:
-            raise VLMError(f"{example['where']}: the answer contains {end!r}, the text that ends "
-                           "an answer")
-        try:
-            inputs = encode(family, processor, [example])
-        except VLMError as e:
-            raise VLMError(f"{example['where']}: {e}") from None
-        n_tokens = inputs["input_ids"].shape[1]
-        if n_tokens > context:
-            raise VLMError(f"{example['where']}: the prompt and answer take {n_tokens} tokens, "
-                           f"more than the model's context of {context}")
-    with_video = {bool(example["videos"]) for example in examples}
-    if family is smolvlm and len(with_video) == 2 and batch_size > 1:  # its processor refuses it
-        raise VLMError("SmolVLM cannot batch images with videos: use --batch-size 1")
-
-
-def batches(examples, batch_size, seed):
-    """Endless batches of examples, shuffled anew at every pass over the data."""
-    rng = random.Random(seed)
-    while True:
-        order = list(examples)
-        rng.shuffle(order)
-        for start in range(0, len(order), batch_size):
-            yield order[start:start + batch_size]
 
 
 # ------------------------------------------------------------ what trains

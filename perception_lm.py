@@ -31,8 +31,8 @@ from common import (Embedding, KVCache, Linear, VLMError, apply_rope, attend, ch
                     decode_ids, expand_placeholders, find_chat_template, from_dict, generate,
                     image_tensor, load_weights, make_mask, next_token_loss, normalize, open_image,
                     open_tokenizer, optional_json, read_json, read_video, render_template, resize,
-                    resolve, rope_cos_sin, rope_inv_freq, rope_theta, split_answer, stop_ids,
-                    text_inputs, token_text)
+                    resolve, rope_cos_sin, rope_inv_freq, rope_theta, stop_ids, text_inputs,
+                    token_text)
 
 DEFAULT_MODEL = "facebook/Perception-LM-1B"
 
@@ -630,12 +630,6 @@ class Processor:
         return render_template(self.chat_template, messages, bos_token=self.bos,
                                pad_token=self.pad, add_generation_prompt=add_generation_prompt)
 
-    def prompt_and_answer(self, messages):
-        """Training: a conversation ending with the assistant's answer -> (prompt, answer), for
-        processor(text=[prompt], images=..., suffix=[answer]), whose labels then cover exactly the
-        answer as the template writes it (trimmed) and its <|eot_id|>."""
-        return split_answer(self.apply_chat_template, messages, self.end_of_turn)
-
     def canvas(self, W, H, max_tiles):
         """(n_w, n_h) tiles for a W x H image, transformers' choice (Llama 3.2 Vision's dynamic
         tiling): of the grids of at most max_tiles tiles that hold the image without shrinking it,
@@ -727,7 +721,8 @@ class Processor:
         {input_ids, attention_mask, and pixel_values / pixel_values_videos where given}.
         max_num_tiles replaces the checkpoint's tile cap (36); num_frames: frames sampled per
         video (a file: 32 by default; decoded frames: all by default). suffix: per prompt the
-        answer to train on (see prompt_and_answer), appended; it adds `labels`, -100 but on it."""
+        answer to train on (training_data.prompt_and_answer), appended; it adds `labels`, -100
+        but on it."""
         if isinstance(text, str):
             text = [text]
         prompts = list(text or [""])

@@ -30,7 +30,7 @@ from common import (
     decode_ids, expand_placeholders, find_chat_template, from_dict, generate, image_tensor,
     load_weights, make_mask, next_token_loss, normalize, open_image, open_tokenizer, optional_json,
     read_json, read_video, render_template, resize, resolve, rope_cos_sin, rope_inv_freq,
-    rope_theta, split_answer, stop_ids, text_inputs, token_text,
+    rope_theta, stop_ids, text_inputs, token_text,
 )
 
 # 256M parameters: fine on a laptop CPU
@@ -762,7 +762,8 @@ class Processor:
         `do_sample_frames=True` to sample as transformers' chat-template path does; paths are
         sampled by default). Left padding. `num_frames` and `do_image_splitting` override the
         checkpoint's max_frames and do_image_splitting. `suffix`: per row the answer to train on
-        (see prompt_and_answer), appended to the prompt; it adds `labels`, -100 except on it."""
+        (training_data.prompt_and_answer), appended to the prompt; it adds `labels`, -100 except
+        on it."""
         if text is None:
             raise VLMError("a text prompt is required")
         text = [text] if isinstance(text, str) else list(text)
@@ -811,12 +812,6 @@ class Processor:
             raise VLMError("this checkpoint has no chat template: pass a raw prompt (--raw)")
         return render_template(template, messages, add_generation_prompt=add_generation_prompt,
                                tools=None, documents=None, **self.special)
-
-    def prompt_and_answer(self, messages):
-        """Training: a conversation ending with the assistant's answer -> (prompt, answer), for
-        processor(text=[prompt], images=..., suffix=[answer]), whose labels then cover exactly the
-        answer as the template writes it (" " + text) and its <end_of_utterance>."""
-        return split_answer(self.apply_chat_template, messages, self.end_of_turn)
 
     def decode(self, ids):
         """Text of generated ids, up to the first end token, special tokens skipped."""

@@ -25,6 +25,7 @@ HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE.parent), str(HERE)]
 
 import smolvlm  # noqa: E402
+import training_data  # noqa: E402
 from compare import machine  # noqa: E402
 from measure import image  # noqa: E402
 
@@ -35,7 +36,7 @@ def batch(processor, rows):
     messages = [{"role": "user", "content": [{"type": "image"},
                                              {"type": "text", "text": "Describe this image."}]},
                 {"role": "assistant", "content": [{"type": "text", "text": ANSWER}]}]
-    prompt, answer = processor.prompt_and_answer(messages)
+    prompt, answer = training_data.prompt_and_answer(processor, messages)
     return processor(text=[prompt] * rows, images=[[image()]] * rows, suffix=[answer] * rows,
                      do_image_splitting=False)
 

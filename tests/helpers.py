@@ -164,13 +164,15 @@ def assert_same_loss_and_gradients(model, hf_model, inputs, hf_inputs, weights):
 
 
 def assert_chat_labels(proc, hf_proc, conversations, images, end_of_turn, **hf_kwargs):
-    """Training rows made with prompt_and_answer and `suffix`, checked token by token against the
-    checkpoint's template as transformers renders and tokenizes it: each row's ids are transformers'
-    for the whole rendered conversation (up to the answer's end-of-turn token), and its labels are
-    -100 on the left padding and the prompt (system text, user turns, earlier answers, image
-    tokens), and equal to the ids on the last answer, which decodes to the answer and ends with
-    the end-of-turn token."""
-    pairs = [proc.prompt_and_answer(conversation) for conversation in conversations]
+    """Training rows made with training_data.prompt_and_answer and `suffix`, checked token by token
+    against the checkpoint's template as transformers renders and tokenizes it: each row's ids are
+    transformers' for the whole rendered conversation (up to the answer's end-of-turn token), and
+    its labels are -100 on the left padding and the prompt (system text, user turns, earlier
+    answers, image tokens), and equal to the ids on the last answer, which decodes to the answer
+    and ends with the end-of-turn token."""
+    import training_data
+    pairs = [training_data.prompt_and_answer(proc, conversation)
+             for conversation in conversations]
     inputs = proc(text=[prompt for prompt, _ in pairs], images=images,
                   suffix=[answer for _, answer in pairs])
     end_id = hf_proc.tokenizer.convert_tokens_to_ids(end_of_turn)

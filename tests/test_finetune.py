@@ -23,6 +23,7 @@ import perception_lm
 import perception_lm_fixture
 import smolvlm
 import smolvlm_fixture
+import training_data
 from helpers import one_thread  # noqa: F401  (a fixture: this module runs single-threaded)
 from helpers import assert_fails, cli_in_process
 from hub import check_loads_cleanly
@@ -83,8 +84,8 @@ def same_logits(family, hf_class, folder, data):
     import transformers
     hf_model = check_loads_cleanly(getattr(transformers, hf_class), folder).eval()
     model, processor = family.load(str(folder), dtype=torch.float32)
-    examples = finetune.read_examples(data)
-    inputs = finetune.encode(family, processor, examples[:1])  # (one: PLM tile counts differ)
+    examples = training_data.read_examples(data)
+    inputs = training_data.encode(family, processor, examples[:1])  # (one: PLM tile counts differ)
     del inputs["labels"]
     with torch.no_grad():
         ours = model(**inputs)
@@ -175,7 +176,7 @@ def test_lora_gradient_checkpointing_and_all_parts(ckpt, data, tmp_path, monkeyp
 
 def test_lora_merged_equals_unmerged(ckpt, data):
     model, processor = smolvlm.load(str(ckpt["smolvlm"]), dtype=torch.float32)
-    inputs = finetune.encode(smolvlm, processor, finetune.read_examples(data))
+    inputs = training_data.encode(smolvlm, processor, training_data.read_examples(data))
     del inputs["labels"]
     torch.manual_seed(0)
     trainable = finetune.prepare(model, smolvlm, ["decoder"], 4, 16.0, False)
@@ -265,13 +266,13 @@ def test_video_line_trains(tmp_path):
              {"images": ["0.png", "1.png"], "prompt": "What differs?", "answer": "The size."}]
     (tmp_path / "train.jsonl").write_text("\n".join(json.dumps(line) for line in lines))
     model, processor = smolvlm.load(str(folder), dtype=torch.float32)
-    examples = finetune.read_examples(tmp_path / "train.jsonl")
-    finetune.check_examples(smolvlm, processor, examples, 8192, batch_size=1)
+    examples = training_data.read_examples(tmp_path / "train.jsonl")
+    training_data.check_examples(smolvlm, processor, examples, 8192, batch_size=1)
     with pytest.raises(finetune.VLMError, match="cannot batch images with videos"):
-        finetune.check_examples(smolvlm, processor, examples, 8192, batch_size=2)
+        training_data.check_examples(smolvlm, processor, examples, 8192, batch_size=2)
     trainable = finetune.prepare(model, smolvlm, ["decoder"], 0, 16.0, True)
     for example in examples:
-        inputs = finetune.encode(smolvlm, processor, [example])
+        inputs = training_data.encode(smolvlm, processor, [example])
         answer_ids = inputs["labels"][inputs["labels"] != -100].tolist()
         expected = " " + example["answer"] + "<end_of_utterance>"
         assert processor.tokenizer.decode(answer_ids, skip_special_tokens=False) == expected

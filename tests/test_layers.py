@@ -38,7 +38,7 @@ def imports_of(name):
 def test_the_tool_files_are_there():
     tools = OURS - set(MODELS) - {"common", "finetune", "serve"}
     assert {"quantize", "compiled", "command_line", "batch_runner", "atomic_file", "image_files",
-            "lora", "openai_chat"} <= tools
+            "lora", "openai_chat", "training_data"} <= tools
 
 
 def test_the_chat_protocol_imports_no_http_stack():

@@ -20,6 +20,7 @@ from PIL import Image
 import common
 import perception_lm as P
 import perception_lm_fixture as F
+import training_data
 from common import VLMError
 from helpers import (assert_chat_labels, assert_same_inputs, assert_same_loss_and_gradients,
                      cli_in_process, decode_video, make_video, run_cli)
@@ -528,10 +529,10 @@ def test_chat_labels_cover_the_answer_and_end_of_turn(variant, ours, hf, images)
     # transformers' processor(text=...) would add a second <|begin_of_text|> (see above)
     assert_chat_labels(proc, hf[variant][1], conversations(), [[images[0]], [images[1]]],
                        "<|eot_id|>", add_special_tokens=False)
-    prompt, answer = proc.prompt_and_answer(conversations()[0])
+    prompt, answer = training_data.prompt_and_answer(proc, conversations()[0])
     assert answer == "A cat on a sofa.<|eot_id|>"  # the template trims the text
     with pytest.raises(VLMError, match="must end with the assistant"):
-        proc.prompt_and_answer(conversations()[0][:1])
+        training_data.prompt_and_answer(proc, conversations()[0][:1])
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -539,7 +540,8 @@ def test_loss_and_gradients_match_transformers(variant, ours, hf, images, record
     """A left-padded batch of two training rows: loss, and gradients through the vision tower, the
     projector and the decoder."""
     model, proc = ours[variant]
-    pairs = [proc.prompt_and_answer(conversation) for conversation in conversations()]
+    pairs = [training_data.prompt_and_answer(proc, conversation)
+             for conversation in conversations()]
     # one image size: transformers stacks the tiles and refuses different tile counts
     inputs = proc(text=[prompt for prompt, _ in pairs], images=[[images[0]], [images[0]]],
                   suffix=[answer for _, answer in pairs])

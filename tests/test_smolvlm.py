@@ -17,6 +17,7 @@ import common
 import compiled
 import smolvlm as S
 import smolvlm_fixture
+import training_data
 from helpers import one_thread  # noqa: F401  (a fixture: this module runs single-threaded)
 from helpers import (assert_chat_labels, assert_same_inputs, assert_same_loss_and_gradients,
                      cli_in_process, decode_video, make_video, run_cli)
@@ -412,10 +413,10 @@ def test_chat_labels_cover_the_answer_and_end_of_turn(variant, ours, hf, images)
     proc = ours[variant][1]
     assert_chat_labels(proc, hf[variant][1], conversations(), [[images[0]], [images[1]]],
                        "<end_of_utterance>")
-    prompt, answer = proc.prompt_and_answer(conversations()[0])
+    prompt, answer = training_data.prompt_and_answer(proc, conversations()[0])
     assert answer == " A cow on the beach.<end_of_utterance>"  # as the template writes it
     with pytest.raises(common.VLMError, match="must end with the assistant"):
-        proc.prompt_and_answer(conversations()[0][:1])
+        training_data.prompt_and_answer(proc, conversations()[0][:1])
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -423,7 +424,8 @@ def test_loss_and_gradients_match_transformers(variant, ours, hf, images, record
     """A left-padded batch of two training rows: loss, and gradients through the vision tower, the
     connector and the decoder."""
     model, proc = ours[variant]
-    pairs = [proc.prompt_and_answer(conversation) for conversation in conversations()]
+    pairs = [training_data.prompt_and_answer(proc, conversation)
+             for conversation in conversations()]
     inputs = proc(text=[prompt for prompt, _ in pairs], images=[[images[0]], [images[1]]],
                   suffix=[answer for _, answer in pairs])
     names = ["model.vision_model.encoder.layers.0.self_attn.q_proj.weight",
@@ -592,7 +594,8 @@ def test_generate_and_forward_take_what_the_processor_returns(ours, images, vide
     returns, a suffix's labels included, as transformers' do (images: pixel_attention_mask too;
     a video gives the same keys). generate ignores labels: its tokens are those of the same inputs
     without them."""
-    pairs = [ours["v1"][1].prompt_and_answer(conversation) for conversation in conversations()]
+    pairs = [training_data.prompt_and_answer(ours["v1"][1], conversation)
+             for conversation in conversations()]
     text = [prompt for prompt, _ in pairs]
     answers = [answer for _, answer in pairs]
     v2_proc = ours["v2"][1]
