@@ -3,6 +3,7 @@
 
     python bench/serve.py                          # SmolVLM-256M, real config, random weights, bf16
     python bench/serve.py --dtype float32 --threads 2
+    python bench/serve.py --text-only --new-tokens 64   # no image: the decoding batching shares
 
 The checkpoint is bench/checkpoints.py's (its end token unreachable, so every answer is exactly
 --new-tokens tokens). The server runs on --threads CPU threads; the requests are plain HTTP from
@@ -91,6 +92,8 @@ def main():
     p.add_argument("--requests", type=int, default=8)
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--port", type=int, default=8765)
+    p.add_argument("--text-only", action="store_true",
+                   help="requests without the image: decoding, which batching shares, dominates")
     a = p.parse_args()
     folder = checkpoints.checkpoint("smolvlm", a.size, "bfloat16")
     url = f"http://127.0.0.1:{a.port}"
@@ -100,6 +103,8 @@ def main():
             image = "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode()
             content = [{"type": "image_url", "image_url": {"url": image}},
                        {"type": "text", "text": PROMPTS["smolvlm"]}]
+            if a.text_only:
+                content = [{"type": "text", "text": "Write a short story about a lighthouse."}]
             bodies.append({"model": "m", "messages": [{"role": "user", "content": content}],
                            "max_tokens": a.new_tokens, "temperature": 0})
         log = Path(tmp) / "serve.log"
@@ -127,8 +132,9 @@ def main():
     rows = [("one after another", one_wall, one_latencies),
             ("all at once", together_wall, together_latencies)]
     print(f"\nSmolVLM-{a.size.upper()} (real config, random weights), {a.dtype}, "
-          f"{a.threads} CPU threads: {a.requests} requests, a 640x480 image and "
-          f"{a.new_tokens} new tokens each\n")
+          f"{a.threads} CPU threads: {a.requests} requests, "
+          f"{'text only' if a.text_only else 'a 640x480 image'} and {a.new_tokens} new tokens "
+          "each\n")
     print("| requests sent | wall (s) | requests/s | p50 latency (s) | p95 latency (s) |")
     print("| --- | ---: | ---: | ---: | ---: |")
     for name, wall, latencies in rows:
