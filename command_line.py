@@ -37,8 +37,8 @@ def cli_parser(description, default_model):
     p.add_argument("--quantize", choices=["int8", "int4"], default=None,
                    help="decoder weights in int8 (per channel) or int4 (groups of 64): fewer bytes "
                    "to read per token, on the CPU; the vision tower is left as it is")
-    p.add_argument("--compile", action="store_true", help="decode through torch.compile (SmolVLM, "
-                   "on the CPU): about a minute to compile, then about twice the tokens a second")
+    p.add_argument("--compile", action="store_true", help="decode through torch.compile (on the "
+                   "CPU): about a minute to compile, then faster decoding (bench/RESULTS.md)")
     p.add_argument("--verbose", action="store_true", help="timings (load, prefill, tokens/s)")
     p.add_argument("--progress", action="store_true", help="progress on stderr even when it is not "
                    "a terminal")
@@ -202,8 +202,8 @@ class Streamer:
 
 
 def compile_option(args):
-    """generate()'s compiled=True when --compile is given ({} otherwise: only the models with a
-    compiled decode step take the argument)."""
+    """generate()'s compiled=True when --compile is given ({} otherwise: a stand-in for generate(),
+    such as a test's, need not take the argument)."""
     if args.compile:
         return {"compiled": True}
     return {}

@@ -148,10 +148,10 @@ class KVCache:
         shape = (n_layers, batch, n_kv_heads, max_len, head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device).unbind(0)
         self.v = torch.zeros(shape, dtype=dtype, device=device).unbind(0)
-        self.len = 0  # filled positions; the model advances it after each forward pass
-        # a compiled decode step's write position, as a tensor (1,): with it set, update() returns
-        # every slot, filled or not, so each step has the same shapes (its mask hides the empty
-        # slots) and the compiled code is reused
+        self.len = 0  # filled positions; the prefill's forward and generate()'s steps advance it
+        # a decode step's write position (decode_step, eager or compiled), as a tensor (1,): with it
+        # set, update() returns every slot, filled or not, so each step has the same shapes (its
+        # mask hides the empty slots) and a compiled step's code is reused
         self.slot = None
 
     def update(self, layer, k, v):

@@ -26,11 +26,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 
-from common import (Embedding, KVCache, Linear, VLMError, apply_rope, attend, check_context,
-                    decode_ids, download, from_dict, generate, image_tensor, left_pad,
-                    load_weights, next_token_loss, normalize, open_image, open_tokenizer,
-                    optional_json, read_json, resize, resolve, rope_cos_sin, rope_inv_freq,
-                    rope_theta, stop_ids, token_text)
+from common import (Embedding, KVCache, Linear, VLMError, apply_rope, attend, check_args,
+                    check_context, decode_ids, download, from_dict, generate, image_tensor,
+                    left_pad, load_weights, next_token_loss, normalize, open_image,
+                    open_tokenizer, optional_json, read_json, resize, resolve, rope_cos_sin,
+                    rope_inv_freq, rope_theta, stop_ids, token_text)
 
 DEFAULT_MODEL = "google/paligemma2-3b-mix-224"
 
@@ -383,12 +383,12 @@ class PaliGemma(nn.Module):
         return torch.cat(features)
 
     def forward(self, input_ids, pixel_values=None, attention_mask=None, token_type_ids=None,
-                labels=None, positions=None, cache=None, last_only=False):
+                labels=None, cache=None, last_only=False):
         """input_ids (B, T) -> logits (B, T, V), and with `labels` (B, T) (logits, loss).
         attention_mask and token_type_ids (B, S) cover the cached tokens and the new ones.
         token_type_ids: 0 = prefix (bidirectional), 1 = suffix (causal); without them the whole
-        input is a prefix, which is how a prompt is read at inference. positions, cache and
-        last_only serve generate()."""
+        input is a prefix, which is how a prompt is read at inference. cache and last_only serve
+        generate()'s prefill (its decode steps run decode_step)."""
         B, T = input_ids.shape
         S = T
         if cache is not None:
@@ -400,8 +400,8 @@ class PaliGemma(nn.Module):
         prefix = keys
         if token_type_ids is not None:
             prefix = keys & (token_type_ids == 0)
-        if positions is None:  # PaliGemma counts positions from 1; left pads do not count
-            positions = keys.long().cumsum(-1)[:, -T:].clamp(min=1)
+        # PaliGemma counts positions from 1; left pads do not count
+        positions = keys.long().cumsum(-1)[:, -T:].clamp(min=1)  # (B, T)
 
         # the image tokens' embeddings are replaced by the image features
         is_image = input_ids == self.cfg.image_token_index
@@ -424,45 +424,72 @@ class PaliGemma(nn.Module):
             cache.len += T
         if last_only:
             x = x[:, -1:]
-        logits = self.lm_head(x)  # (B, T, V)
-        cap = self.cfg.text.final_logit_softcapping
-        if cap:  # Gemma 2 squashes the logits into (-cap, cap) too
-            logits = torch.tanh(logits / cap) * cap
+        logits = self.to_logits(x)  # (B, T, V)
         if labels is None:
             return logits
         return logits, next_token_loss(logits, labels)
 
+    def to_logits(self, x):
+        """Hidden states (B, T, C) -> logits (B, T, V): the output head, then Gemma 2's final
+        soft-cap, which squashes the logits into (-cap, cap) too."""
+        logits = self.lm_head(x)  # (B, T, V)
+        cap = self.cfg.text.final_logit_softcapping
+        if cap:
+            logits = torch.tanh(logits / cap) * cap
+        return logits
+
+    def decode_step(self, token, positions, keys, cache):
+        """One decode step of generate(), eager or compiled (compiled=True compiles this method):
+        token (B, 1) at `positions` (B, 1) -> fp32 logits (B, 1, V). Its key and value go to slot
+        cache.slot (1,), and it attends to the filled slots of the real tokens `keys` (B, max_len)
+        of the whole run: every step has the same shapes, and the cache's length is the one size
+        that changes from run to run (compiled.compile_step). A generated token is in the causal
+        suffix: no prefix rule applies to it."""
+        slots = torch.arange(keys.shape[1], device=keys.device)  # (max_len,)
+        filled = slots <= cache.slot  # (max_len,)
+        mask = (keys & filled)[:, None, None]  # (B, 1, 1, max_len)
+        sliding_mask = None
+        if self.cfg.text.sliding_window:  # Gemma 2's sliding layers: prefix_lm_mask's window rule
+            recent = slots > cache.slot - self.cfg.text.sliding_window  # (max_len,)
+            sliding_mask = mask & recent  # (B, 1, 1, max_len)
+        x = self.language_model.embed(token)  # (B, 1, C)
+        x = self.language_model(x, positions, mask, sliding_mask, cache)  # (B, 1, C)
+        # fp32 out: rounded inside the compiled program, and an fp32 argmax is ~2.5x a bf16 one
+        return self.to_logits(x).float()  # (B, 1, V)
+
     @torch.inference_mode()
     def generate(self, input_ids, pixel_values=None, attention_mask=None, token_type_ids=None,
                  labels=None, max_new_tokens=100, temperature=0.0, top_k=None, top_p=None,
-                 seed=None, stream=None):
-        """Prefill once, then decode with the KV cache. Returns only the new ids (B, n).
-        labels (a processor's, with a suffix) are taken, as transformers does, and ignored."""
+                 seed=None, stream=None, compiled=False):
+        """Prefill once (the images are encoded here only), then decode_step for each new token.
+        compiled=True: the step through torch.compile (compiled.py: about a minute for each model
+        and weights in a process). Returns only the new ids (B, n). labels (a processor's, with a
+        suffix) are taken, as transformers does, and ignored."""
+        check_args(max_new_tokens, temperature, top_k, top_p)  # before the prefill's work
         B, T = input_ids.shape
-        t = self.cfg.text
-        check_context(T, max_new_tokens, t.max_position_embeddings)
-        total = T + max_new_tokens
+        text = self.cfg.text
+        check_context(T, max_new_tokens, text.max_position_embeddings)
         device = input_ids.device
-        dtype = self.language_model.embed_tokens.weight.dtype
-        cache = KVCache(t.num_hidden_layers, B, t.num_key_value_heads, total, t.head_dim, dtype,
-                        device)
-        # Generated tokens are real keys (mask 1) and belong to the causal suffix (type 1).
-        keys = torch.ones(B, total, dtype=torch.long, device=device)
-        types = torch.ones(B, total, dtype=torch.long, device=device)
+        max_len = T + max_new_tokens
+        cache = KVCache(text.num_hidden_layers, B, text.num_key_value_heads, max_len, text.head_dim,
+                        self.language_model.embed_tokens.weight.dtype, device)
+        # the attention mask of the whole run, made once: generated tokens are real keys
+        keys = torch.ones(B, max_len, dtype=torch.bool, device=device)
         if attention_mask is not None:
             keys[:, :T] = attention_mask
-        types[:, :T] = 0
-        if token_type_ids is not None:
-            types[:, :T] = token_type_ids
         last_position = keys[:, :T].sum(-1, keepdim=True)  # (B, 1): the last prompt token's, from 1
-        logits = self(input_ids, pixel_values, keys[:, :T], types[:, :T], cache=cache,
-                      last_only=True)
+        decode = self.decode_step
+        if compiled:  # checked before the prefill's work; a tool, imported only for this option
+            from compiled import compile_step
+            decode = compile_step(self, "decode_step", keys, cache)
+        logits = self(input_ids, pixel_values, keys[:, :T], token_type_ids, cache=cache,
+                      last_only=True)  # (B, 1, V)
 
-        def step(token):  # (B,) -> next logits (B, V)
-            S = cache.len + 1
-            positions = last_position + (S - T)
-            logits = self(token[:, None], None, keys[:, :S], types[:, :S], positions=positions,
-                          cache=cache, last_only=True)
+        def step(token):  # (B,) -> the next logits (B, V), one cached decode step
+            positions = last_position + (cache.len + 1 - T)  # (B, 1)
+            cache.slot = torch.full((1,), cache.len, device=device)  # where the new key goes
+            logits = decode(token[:, None], positions, keys, cache)  # (B, 1, V)
+            cache.len += 1
             return logits[:, -1]
 
         return generate(step, logits[:, -1], max_new_tokens, self.stop, self.pad_id, temperature,
@@ -850,8 +877,6 @@ def parse_args(argv=None):
     add_task_args(p)
     args = p.parse_args(argv)
     check_flags(args)
-    if args.compile:
-        raise VLMError("--compile is SmolVLM's for now; decode without it")
     if (args.output or args.json) and len(args.image) > 1:
         # the model reads the images together: the boxes of its one answer belong to none of them
         raise VLMError(f"--output and --json take one --image, not {len(args.image)}: an answer "

@@ -27,12 +27,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import (Embedding, KVCache, Linear, VLMError, apply_rope, attend, check_context,
-                    decode_ids, expand_placeholders, find_chat_template, from_dict, generate,
-                    image_tensor, load_weights, make_mask, next_token_loss, normalize, open_image,
-                    open_tokenizer, optional_json, read_json, read_video, render_template, resize,
-                    resolve, rope_cos_sin, rope_inv_freq, rope_theta, stop_ids, text_inputs,
-                    token_text)
+from common import (Embedding, KVCache, Linear, VLMError, apply_rope, attend, check_args,
+                    check_context, decode_ids, expand_placeholders, find_chat_template, from_dict,
+                    generate, image_tensor, load_weights, make_mask, next_token_loss, normalize,
+                    open_image, open_tokenizer, optional_json, read_json, read_video,
+                    render_template, resize, resolve, rope_cos_sin, rope_inv_freq, rope_theta,
+                    stop_ids, text_inputs, token_text)
 
 DEFAULT_MODEL = "facebook/Perception-LM-1B"
 
@@ -494,33 +494,54 @@ class PerceptionLM(nn.Module):
             return logits
         return logits, next_token_loss(logits, labels)
 
+    def decode_step(self, token, positions, keys, cache):
+        """One decode step of generate(), eager or compiled (compiled=True compiles this method):
+        token (B, 1) at `positions` (B, 1) -> fp32 logits (B, 1, V). Its key and value go to slot
+        cache.slot (1,), and it attends to the filled slots of the real tokens `keys` (B, max_len)
+        of the whole run: every step has the same shapes, and the cache's length is the one size
+        that changes from run to run (compiled.compile_step)."""
+        filled = torch.arange(keys.shape[1], device=keys.device) <= cache.slot  # (max_len,)
+        mask = (keys & filled)[:, None, None]  # (B, 1, 1, max_len)
+        x = self.language_model.embed_tokens(token)  # (B, 1, C)
+        x = self.language_model(x, positions, mask, cache)  # (B, 1, C)
+        # fp32 out: rounded inside the compiled program, and an fp32 argmax is ~2.5x a bf16 one
+        return self.lm_head(x).float()  # (B, 1, V)
+
     @torch.inference_mode()
     def generate(self, input_ids, pixel_values=None, pixel_values_videos=None, attention_mask=None,
                  labels=None, max_new_tokens=100, temperature=0.0, top_k=None, top_p=None,
-                 seed=None, stream=None):
-        """Prefill once, then decode with the KV cache. Returns only the new ids (B, n).
-        labels (a processor's, with a suffix) are taken, as transformers does, and ignored."""
+                 seed=None, stream=None, compiled=False):
+        """Prefill once (the tiles and frames are encoded here only), then decode_step for each new
+        token. compiled=True: the step through torch.compile (compiled.py: about a minute for each
+        model and weights in a process). Returns only the new ids (B, n). labels (a processor's,
+        with a suffix) are taken, as transformers does, and ignored."""
+        check_args(max_new_tokens, temperature, top_k, top_p)  # before the prefill's work
         B, T = input_ids.shape
         text = self.cfg.text
         check_context(T, max_new_tokens, text.max_position_embeddings,
                       hint=" (--max-tiles N makes images shorter)")
-        total = T + max_new_tokens
         device = input_ids.device
-        dtype = self.language_model.embed_tokens.weight.dtype
-        cache = KVCache(text.num_hidden_layers, B, text.num_key_value_heads, total, text.head_dim,
-                        dtype, device)
-        # the prompt's mask, then ones: generated tokens are real keys
-        keys = torch.ones(B, total, dtype=torch.long, device=device)
+        max_len = T + max_new_tokens
+        cache = KVCache(text.num_hidden_layers, B, text.num_key_value_heads, max_len, text.head_dim,
+                        self.language_model.embed_tokens.weight.dtype, device)
+        # the attention mask of the whole run, made once: generated tokens are real keys
+        keys = torch.ones(B, max_len, dtype=torch.bool, device=device)
         if attention_mask is not None:
             keys[:, :T] = attention_mask
+        last_position = keys[:, :T].sum(-1, keepdim=True) - 1  # (B, 1): of the last prompt token
+        decode = self.decode_step
+        if compiled:  # checked before the prefill's work; a tool, imported only for this option
+            from compiled import compile_step
+            decode = compile_step(self, "decode_step", keys, cache)
         logits = self(input_ids, pixel_values, pixel_values_videos, keys[:, :T], cache=cache,
                       last_only=True)  # (B, 1, V)
 
-        def step(token):  # (B,) -> (B, V): one cached decode step
-            n_keys = cache.len + 1
-            next_logits = self(token[:, None], attention_mask=keys[:, :n_keys], cache=cache,
-                               last_only=True)
-            return next_logits[:, -1]
+        def step(token):  # (B,) -> the next logits (B, V), one cached decode step
+            positions = last_position + (cache.len + 1 - T)  # (B, 1)
+            cache.slot = torch.full((1,), cache.len, device=device)  # where the new key goes
+            logits = decode(token[:, None], positions, keys, cache)  # (B, 1, V)
+            cache.len += 1
+            return logits[:, -1]
 
         return generate(step, logits[:, -1], max_new_tokens, self.stop, self.pad_id, temperature,
                         top_k, top_p, seed, stream)
@@ -807,8 +828,6 @@ def parse_args(argv=None):
                         "wrapped in the chat template")
     args = parser.parse_args(argv)
     check_flags(args)
-    if args.compile:
-        raise VLMError("--compile is SmolVLM's for now; decode without it")
     return args
 
 

@@ -105,7 +105,8 @@ class Int4Linear(nn.Module):
         return {"weight": pack_int4(q), "scale_and_zero": scale_and_zero.to(self.dtype)}
 
     def forward(self, x):  # (..., in) -> (..., out)
-        rows = x.reshape(-1, self.in_features)  # (n, in)
+        # (n, in), contiguous: the kernel refuses a strided view (a batch's last positions)
+        rows = x.reshape(-1, self.in_features).contiguous()
         y = torch._weight_int4pack_mm_for_cpu(rows, self.weight, INT4_GROUP,
                                               self.scale_and_zero)  # (n, out)
         return y.view(*x.shape[:-1], self.out_features)

@@ -367,17 +367,17 @@ class SmolVLM(nn.Module):
         return blocks.any(4).any(2)  # (N, h, w)
 
     def forward(self, input_ids, attention_mask=None, pixel_values=None, pixel_attention_mask=None,
-                labels=None, positions=None, cache=None, last_only=False):
+                labels=None, cache=None, last_only=False):
         """input_ids (B, T) -> logits (B, T, V), or (B, 1, V) with last_only; with `labels` (B, T)
-        (logits, loss). attention_mask (B, S) covers the cached tokens and the new ones; positions
-        (B, T) default to counting the real tokens."""
+        (logits, loss). attention_mask (B, S) covers the cached tokens and the new ones. cache and
+        last_only serve generate()'s prefill (its decode steps run decode_step)."""
         B, T = input_ids.shape
         if attention_mask is None:  # every token is real, the cached ones too
             n_cached = cache.len if cache is not None else 0
             attention_mask = torch.ones(B, n_cached + T, dtype=torch.bool, device=input_ids.device)
         keys = attention_mask.bool()  # (B, S): False on left padding
-        if positions is None:  # counted from each row's first real token: left pads change nothing
-            positions = (keys.long().cumsum(-1) - 1).clamp(min=0)[:, -T:]
+        # counted from each row's first real token: left pads change nothing
+        positions = (keys.long().cumsum(-1) - 1).clamp(min=0)[:, -T:]  # (B, T)
         x = self.model.text_model.embed_tokens(input_ids)  # (B, T, C)
         if pixel_values is not None:
             x = self.merge_images(x, input_ids, pixel_values, pixel_attention_mask)
@@ -404,10 +404,11 @@ class SmolVLM(nn.Module):
         return x.masked_scatter(is_image[..., None], features.to(x.dtype))
 
     def decode_step(self, token, positions, keys, cache):
-        """The decode step that generate(..., compiled=True) compiles: token (B, 1) at `positions`
-        (B, 1) -> fp32 logits (B, 1, V). Its key and value go to slot cache.slot (1,), and it
-        attends to the filled slots of the real tokens `keys` (B, max_len) of the whole run. The
-        cache's length is the one size that changes from run to run (compiled.compile_step)."""
+        """One decode step of generate(), eager or compiled (compiled=True compiles this method):
+        token (B, 1) at `positions` (B, 1) -> fp32 logits (B, 1, V). Its key and value go to slot
+        cache.slot (1,), and it attends to the filled slots of the real tokens `keys` (B, max_len)
+        of the whole run: every step has the same shapes, and the cache's length is the one size
+        that changes from run to run (compiled.compile_step)."""
         filled = torch.arange(keys.shape[1], device=keys.device) <= cache.slot  # (max_len,)
         mask = (keys & filled)[:, None, None]  # (B, 1, 1, max_len)
         x = self.model.text_model.embed_tokens(token)  # (B, 1, C)
@@ -419,8 +420,8 @@ class SmolVLM(nn.Module):
     def generate(self, input_ids, attention_mask=None, pixel_values=None, pixel_attention_mask=None,
                  labels=None, max_new_tokens=100, temperature=0.0, top_k=None, top_p=None,
                  seed=None, stream=None, compiled=False):
-        """Prefill once (the images are encoded here only), then decode with the KV cache.
-        compiled=True: decode through torch.compile (compiled.py: about a minute for each model
+        """Prefill once (the images are encoded here only), then decode_step for each new token.
+        compiled=True: the step through torch.compile (compiled.py: about a minute for each model
         and weights in a process, then about twice the tokens a second on a CPU; bench/RESULTS.md).
         Returns the new ids (B, n). labels (a processor's, with a suffix) are ignored."""
         check_args(max_new_tokens, temperature, top_k, top_p)  # before the prefill's work
@@ -436,28 +437,22 @@ class SmolVLM(nn.Module):
         if attention_mask is not None:
             keys[:, :T] = attention_mask
         last_position = keys[:, :T].sum(-1, keepdim=True) - 1  # (B, 1): of the last prompt token
-        decode = None
+        decode = self.decode_step
         if compiled:  # checked before the prefill's work; a tool, imported only for this option
             from compiled import compile_step
             decode = compile_step(self, "decode_step", keys, cache)
         logits = self(input_ids, keys[:, :T], pixel_values, pixel_attention_mask, cache=cache,
-                      last_only=True)
-        logits = logits[:, -1]  # (B, V)
+                      last_only=True)  # (B, 1, V)
 
         def step(token):  # (B,) -> the next logits (B, V), one cached decode step
-            S = cache.len + 1
-            positions = last_position + (S - T)  # (B, 1)
-            if decode is None:
-                logits = self(token[:, None], keys[:, :S], positions=positions, cache=cache,
-                              last_only=True)
-            else:
-                cache.slot = torch.full((1,), S - 1, device=device)  # where the new key goes
-                logits = decode(token[:, None], positions, keys, cache)
-                cache.len = S
+            positions = last_position + (cache.len + 1 - T)  # (B, 1)
+            cache.slot = torch.full((1,), cache.len, device=device)  # where the new key goes
+            logits = decode(token[:, None], positions, keys, cache)  # (B, 1, V)
+            cache.len += 1
             return logits[:, -1]
 
-        return generate(step, logits, max_new_tokens, self.stop, self.pad_id, temperature, top_k,
-                        top_p, seed, stream)
+        return generate(step, logits[:, -1], max_new_tokens, self.stop, self.pad_id, temperature,
+                        top_k, top_p, seed, stream)
 
 
 # ------------------------------------------------------------ preprocessing

@@ -1,7 +1,10 @@
 """generate(..., compiled=True) always decodes with the weights the model holds at that moment
 (issue 21, "High"): two models of one shape in one process, weights changed in place after a
 compiled run, threads. The compiled program freezes the weights as constants, so each of
-these ran another model's or stale weights before the program was made per model and weights."""
+these ran another model's or stale weights before the program was made per model and weights.
+And every family's compiled step (issue 23): PaliGemma 1 and 2 and PerceptionLM in fp32, int8 and
+int4 weights, the CLI's --compile. A compile takes ~20-60 s on 2 cores: each test compiles once and
+checks what it can with that program."""
 import threading
 
 import pytest
@@ -10,8 +13,13 @@ from torch import nn
 
 import common
 import compiled
+import paligemma
+import paligemma_fixture
+import perception_lm
+import perception_lm_fixture
 import smolvlm as S
 import smolvlm_fixture
+from helpers import cli_in_process
 from helpers import one_thread  # noqa: F401  (a fixture: this module runs single-threaded)
 
 
@@ -218,3 +226,146 @@ def test_smolvlm_weights_changed_in_place(folders):
     assert torch.equal(model.generate(**inputs, max_new_tokens=8, compiled=True), loaded)
     assert compiles() == before + 3  # one program for each of the three weights
     assert_step_logits_match_forward(model, inputs)
+
+
+# ----------------------------------------------------------------------------- the other families
+
+# Gemma (PaliGemma 1), Gemma 2 (PaliGemma 2: sliding window 24 on every other layer, the attention
+# and final soft-caps) and Llama 3 with its RoPE scaling (PerceptionLM 1B)
+FAMILIES = {"pg1": (paligemma, paligemma_fixture), "pg2": (paligemma, paligemma_fixture),
+            "1b": (perception_lm, perception_lm_fixture)}
+NEW_TOKENS = 10
+
+
+@pytest.fixture(scope="module")
+def family_folders(tmp_path_factory):
+    root = tmp_path_factory.mktemp("families")
+    return {variant: fixture.build(root / variant, variant, check=False)
+            for variant, (_, fixture) in FAMILIES.items()}
+
+
+def chat(processor, question):
+    """A user turn with one image and `question`, in the chat template (PerceptionLM)."""
+    content = [{"type": "image"}, {"type": "text", "text": question}]
+    return processor.apply_chat_template([{"role": "user", "content": content}])
+
+
+def batch_of_two(variant, processor, images):
+    """A left-padded batch of two prompts with an image each, as the family is prompted."""
+    texts = ["caption en", "answer en where is the cow standing? describe the picture in detail"]
+    if FAMILIES[variant][0] is perception_lm:
+        texts = [chat(processor, "Describe the image."),
+                 chat(processor, "What is in this video? Answer briefly.")]
+    inputs = processor(text=texts, images=[[images[0]], [images[1]]])
+    assert not inputs["attention_mask"].all()
+    return inputs
+
+
+def decode_logits(model, inputs, new_ids, compiled_step):
+    """generate()'s decode steps, the model's decode_step or its compiled program, fed new_ids
+    (B, n) after the prefill of `inputs` -> the logits after each of them (B, n, V). The batch size
+    and dtype are generate()'s: the compiled program is the one its generate() made."""
+    B, T = inputs["input_ids"].shape
+    n = new_ids.shape[1]
+    c = model.cfg.text
+    with torch.inference_mode():  # inference tensors, as generate() makes them
+        cache = common.KVCache(c.num_hidden_layers, B, c.num_key_value_heads, T + n, c.head_dim,
+                               torch.float32, "cpu")
+        keys = torch.ones(B, T + n, dtype=torch.bool)
+        keys[:, :T] = inputs["attention_mask"]
+        step = model.decode_step
+        if compiled_step:
+            step = compiled.compile_step(model, "decode_step", keys, cache)
+        model(**inputs, cache=cache, last_only=True)
+        positions = keys[:, :T].sum(-1, keepdim=True)  # (B, 1): the last prompt token's, from 1
+        if not isinstance(model, paligemma.PaliGemma):  # the Llamas count from 0
+            positions = positions - 1
+        logits = []
+        for i in range(n):
+            cache.slot = torch.full((1,), cache.len)
+            token = new_ids[:, i].contiguous()  # (B,): strides as generate()'s, which dynamo checks
+            logits.append(step(token[:, None], positions + 1 + i, keys, cache))
+            cache.len += 1
+    return torch.cat(logits, 1)
+
+
+def whole_sequence_logits(model, inputs, new_ids):
+    """The uncached forward over the prompt and new_ids (generated tokens: real, and PaliGemma's
+    causal suffix) -> the logits after each new token (B, n, V), and those that chose them."""
+    T = inputs["input_ids"].shape[1]
+    ones = torch.ones_like(new_ids)
+    whole = dict(inputs, input_ids=torch.cat([inputs["input_ids"], new_ids], 1),
+                 attention_mask=torch.cat([inputs["attention_mask"], ones], 1))
+    if "token_type_ids" in inputs:
+        whole["token_type_ids"] = torch.cat([inputs["token_type_ids"], ones], 1)
+    with torch.no_grad():
+        logits = model(**whole)
+    return logits[:, T:], logits[:, T - 1:-1]
+
+
+@pytest.mark.parametrize("variant", FAMILIES)
+def test_compiled_step_equals_eager(variant, family_folders, images):
+    """PaliGemma 1 and 2 and PerceptionLM in fp32 on a left-padded batch of two: the compiled
+    generate gives the eager tokens from one compile, and the compiled and eager steps' logits equal
+    the uncached forward's (1e-4, as parity). On PaliGemma 2 the sliding window leaves keys out of
+    the last steps, and the logits show it."""
+    module, _ = FAMILIES[variant]
+    model, processor = module.load(str(family_folders[variant]), dtype=torch.float32)
+    inputs = batch_of_two(variant, processor, images)
+    eager = model.generate(**inputs, max_new_tokens=NEW_TOKENS)
+    assert eager.shape == (2, NEW_TOKENS)
+    before = compiles()
+    assert torch.equal(model.generate(**inputs, max_new_tokens=NEW_TOKENS, compiled=True), eager)
+    after_each, choosing = whole_sequence_logits(model, inputs, eager)
+    # no near-ties on the path, so equal tokens are not luck of rounding
+    top2 = choosing.topk(2).values
+    assert (top2[..., 0] - top2[..., 1]).min() > 1e-3
+    for compiled_step in (True, False):
+        logits = decode_logits(model, inputs, eager, compiled_step)
+        assert (logits - after_each).abs().max() < 1e-4, compiled_step
+    assert compiles() == before + 1
+    window = getattr(model.cfg.text, "sliding_window", None)  # Gemma 2 only
+    if window:
+        T = inputs["input_ids"].shape[1]
+        assert T + NEW_TOKENS - 1 > window + 4  # the last steps' window leaves the first keys out
+        model.cfg.text.sliding_window = 10_000
+        try:
+            unwindowed = decode_logits(model, inputs, eager, compiled_step=False)
+        finally:
+            model.cfg.text.sliding_window = window
+        assert (unwindowed - after_each).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("quantize", ["int8", "int4"])
+def test_quantized_compiled_tokens_equal_eager(quantize, family_folders, images):
+    """PaliGemma 1 with int8 and int4 decoder weights (fp32 activations; the fixture's matrices all
+    fit the int4 kernel): the compiled generate gives the eager tokens on the left-padded batch."""
+    model, processor = paligemma.load(str(family_folders["pg1"]), dtype=torch.float32,
+                                      quantize=quantize)
+    if quantize == "int4":
+        assert ", 0 of them in int8" in model.quantization
+    inputs = batch_of_two("pg1", processor, images)
+    eager = model.generate(**inputs, max_new_tokens=NEW_TOKENS)
+    before = compiles()
+    assert torch.equal(model.generate(**inputs, max_new_tokens=NEW_TOKENS, compiled=True), eager)
+    assert compiles() == before + 1
+    compiled_logits = decode_logits(model, inputs, eager, compiled_step=True)
+    eager_logits = decode_logits(model, inputs, eager, compiled_step=False)
+    assert (compiled_logits - eager_logits).abs().max() < 1e-3
+
+
+def test_cli_compile(family_folders, images, tmp_path):
+    """PerceptionLM's --compile end to end, in this process: the eager answer, streamed, after the
+    compile is said on stderr."""
+    path = tmp_path / "picture.png"
+    images[2].save(path)
+    folder = family_folders["1b"]
+    r = cli_in_process(perception_lm, "--model", folder, "--dtype", "float32", "--image", path,
+                       "--prompt", "Describe the image.", "--max-new-tokens", "8", "--compile")
+    assert r.returncode == 0, r.stderr
+    assert "compiling the decode step" in r.stderr
+    model, processor = perception_lm.load(str(folder), dtype=torch.float32)
+    inputs = processor(text=[chat(processor, "Describe the image.")],
+                       images=[common.open_image(path)])
+    new = model.generate(**inputs, max_new_tokens=8)
+    assert new.shape[1] > 1 and r.stdout == processor.decode(new[0]) + "\n"

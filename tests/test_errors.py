@@ -571,10 +571,6 @@ PLACEHOLDERS = {  # (family, case) -> flags ({good}: an image, {clip}: a video),
          "the prompts have 2 <|video|> placeholders but 1 videos were given"),
     ("perception_lm", "--max-tiles 0"):
         (["--image", "{good}", "--max-tiles", "0"], "error: max-tiles must be positive, got 0"),
-    ("paligemma", "--compile"):
-        (["--image", "{good}", "--compile"], "error: --compile is SmolVLM's for now"),
-    ("perception_lm", "--compile"):
-        (["--image", "{good}", "--compile"], "error: --compile is SmolVLM's for now"),
 }
 
 
@@ -637,10 +633,9 @@ def test_batch_flags_without_batch(family, flag, ckpt, media, tmp_path, monkeypa
 
 # (family, case) -> --batch flags and what the one line says: each would fail every image
 RUN_WIDE = {
-    ("paligemma", "--compile"): (["--compile"], "--compile is SmolVLM's for now"),
-    ("perception_lm", "--compile"): (["--compile"], "--compile is SmolVLM's for now"),
-    ("smolvlm", "--compile on CUDA"):
-        (["--compile"], "--compile is verified on the CPU only, not on cuda"),
+    **{(family, "--compile on CUDA"):
+       (["--compile"], "--compile is verified on the CPU only, not on cuda")
+       for family in FAMILIES},
     ("perception_lm", "--raw without <|image|>"):
         (["--raw", "--prompt", "no placeholder"],
          "the prompts have 0 <|image|> placeholders but 1 images were given"),

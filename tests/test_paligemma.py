@@ -201,6 +201,29 @@ def test_cached_generation_equals_uncached(variant, ours, images):
     assert torch.equal(new, ids[:, -12:])
 
 
+def test_a_generated_image_token_is_embedded_as_itself(ckpt, images):
+    """A decode step embeds a generated <image> token as itself, as transformers does (its id is
+    inside the vocabulary). generate() once decoded through forward(), which embeds image tokens as
+    <pad> before the image features replace them; with no image in a decode step, the generated
+    token stayed <pad>. The fixture's <image> row (tied: its output row too) is made 5% longer than
+    the second answer token's, so that greedy decoding picks <image> there."""
+    from transformers import PaliGemmaForConditionalGeneration
+    model, proc = P.load(str(ckpt["pg1"]), dtype=torch.float32)  # its own: the weights change
+    hmodel = PaliGemmaForConditionalGeneration.from_pretrained(ckpt["pg1"], dtype=torch.float32)
+    inputs = proc(text=["caption en"], images=[[images[0]]])
+    T = inputs["input_ids"].shape[1]
+    second = model.generate(**inputs, max_new_tokens=2)[0, 1]
+    image_id = model.cfg.image_token_index
+    with torch.no_grad():
+        for weight in (model.language_model.embed_tokens.weight,
+                       hmodel.get_input_embeddings().weight):
+            weight[image_id] = weight[second] * 1.05
+    new = model.generate(**inputs, max_new_tokens=10)
+    ref = hmodel.eval().generate(**inputs, max_new_tokens=10, do_sample=False)[:, T:]
+    assert new[0, 1] == image_id and new.shape == (1, 10)
+    assert torch.equal(new, ref)
+
+
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_left_padded_batch_equals_rows_alone(variant, ours, images):
     model, proc = ours[variant]

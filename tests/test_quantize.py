@@ -289,6 +289,21 @@ def test_greedy_generation_in_bf16(variant, ckpt, models, images):
         assert relative_error(logits, expected) < 0.05, (variant, quantize)
 
 
+@pytest.mark.parametrize("quantize", ["int8", "int4"])
+def test_a_left_padded_batch_generates_what_each_row_does_alone(quantize, models, images):
+    """Two prompts of different lengths in one generate(): the prefill hands the output head its
+    last positions as a strided view, which torch's int4 kernel refused ("expect A to be
+    contiguous": --batch with --quantize int4 failed on every batch of two or more)."""
+    model, processor = models["pg1"][quantize]
+    texts = ["caption en", "answer en where is the cow standing? describe the picture in detail"]
+    inputs = processor(text=texts, images=[[images[0]], [images[1]]])
+    assert not inputs["attention_mask"].all()
+    new = model.generate(**inputs, max_new_tokens=6)
+    for i in range(2):
+        alone = processor(text=[texts[i]], images=[[images[i]]])
+        assert torch.equal(new[i], model.generate(**alone, max_new_tokens=6)[0]), i
+
+
 def test_cli_flag(ckpt, models, images, tmp_path):
     path = tmp_path / "picture.png"
     images[0].save(path)

@@ -486,7 +486,7 @@ def test_unknown_keywords_raise_type_error(ours, images):
         model.generate(**inputs, max_new_token=5)
     with pytest.raises(TypeError, match="max_new_token"):
         model(**inputs, max_new_token=5)
-    with pytest.raises(TypeError, match="position_ids"):  # transformers' name; ours is positions
+    with pytest.raises(TypeError, match="position_ids"):  # transformers' name; ours counts them
         model(**inputs, position_ids=None)
     with pytest.raises(TypeError, match="return_tensors"):  # transformers' processor option
         proc(text=["<image>Describe this image."], images=[[images[0]]], return_tensors="pt")
