@@ -15,7 +15,7 @@ import warnings
 
 from PIL import Image
 
-from common import VLMError, check_args, choose_device_and_dtype
+from common import KERNELS, VLMError, check_args, choose_device_and_dtype
 
 # --batch: images generated together by default; measured in bench/batch.py (bench/RESULTS.md)
 BATCH_SIZE = {"cpu": 4, "cuda": 16}
@@ -164,7 +164,22 @@ def stream_answer(model, processor, inputs, args, load_seconds, vision):
         printer.report(load_seconds)
     if args.verbose and model.quantization:
         print(model.quantization, file=sys.stderr)
+    if args.verbose:
+        print(kernel_report(), file=sys.stderr)
     return new_ids
+
+
+def kernel_report():
+    """One line on the decode kernels common.Linear timed in this process, e.g. `kernels timed
+    here: w @ x for 2 of 7 shapes (576x576 1 row, 576x1536 1 row, torch.bfloat16); x @ w.T for
+    the others`."""
+    if not KERNELS:
+        return "kernels: none timed (fp32, compiled, or not a CPU): x @ w.T throughout"
+    dtypes = sorted({str(key[2]) for key in KERNELS})
+    matrix_vector = [key for key, form in KERNELS.items() if form == "w @ x"]
+    shapes = [f"{out}x{inner} {rows} row" for out, inner, _, rows, _ in matrix_vector]
+    return (f"kernels timed here: w @ x for {len(matrix_vector)} of {len(KERNELS)} shapes "
+            f"({', '.join(shapes + dtypes)}); x @ w.T for the others")
 
 
 class Streamer:

@@ -24,8 +24,9 @@ head dim.
 import json
 import math
 import re
+import timeit
 from dataclasses import fields
-from functools import partial
+from functools import cache, partial
 from pathlib import Path
 
 import numpy as np
@@ -185,24 +186,53 @@ def check_context(prompt_len, max_new_tokens, context, hint=""):
 
 # ------------------------------------------------------------ layers
 
+# (out, in, dtype, rows, threads) -> the form of a few-row product timed fastest on this machine
+KERNELS = {}
+
+
 class Linear(nn.Linear):
-    """nn.Linear with a CPU fast path for decoding. In bf16 on a CPU, a decode step (a few rows of
-    x) runs faster as w @ x than as x @ w.T: the matrix-vector kernel streams the weights at
-    ~1.2-1.5x the rate of the matrix-matrix one (bench/). The decoders build every projection from
-    this class, so a variant (quantized weights, say) can replace these modules without touching a
-    model's forward code. Compiled (generate(..., compiled=True)), it is a plain F.linear: the
-    compiler packs the weight and picks its own kernel."""
+    """nn.Linear with a CPU decode path whose kernel is chosen by measurement. A decode step
+    multiplies each weight by a few rows of x, as x @ w.T (the matrix-matrix kernel) or as w @ x
+    (the matrix-vector one); which streams the weights faster depends on the CPU and the shape, by
+    up to 2x either way (bench/RESULTS.md: w @ x won on an AMX Xeon, x @ w.T on most shapes of an
+    AMD EPYC). So each shape's first decode call on a CPU times both (fastest_form) and keeps the
+    winner in KERNELS; --verbose lists them. The decoders build every projection from this class,
+    so a variant (quantized weights, say) can replace these modules without touching a model's
+    forward code. Compiled (generate(..., compiled=True)), it is a plain F.linear: the compiler
+    packs the weight and picks its own kernel."""
 
     def forward(self, x):
         rows = x.numel() // x.shape[-1]
-        fast = x.dtype == torch.bfloat16 and x.device.type == "cpu" and self.bias is None
-        if not fast or rows > 32 or torch.compiler.is_compiling():
+        timed = x.dtype != torch.float32 and x.device.type == "cpu" and self.bias is None
+        if not timed or rows > 32 or torch.compiler.is_compiling():
             return F.linear(x, self.weight, self.bias)
-        if rows == 1:
-            y = self.weight @ x.reshape(-1)  # (out,): the matrix-vector kernel
-        else:
-            y = self.weight @ x.reshape(rows, -1).t()  # (out, rows)
-        return y.t().contiguous().view(*x.shape[:-1], -1)  # (..., out)
+        key = (*self.weight.shape, x.dtype, rows, torch.get_num_threads())
+        if key not in KERNELS:
+            KERNELS[key] = fastest_form(self.weight, x)
+        return few_row_product(self.weight, x, KERNELS[key])
+
+
+def few_row_product(weight, x, form):
+    """x (..., in) times weight (out, in) -> (..., out), in the form named."""
+    if form == "x @ w.T":
+        return F.linear(x, weight)
+    rows = x.numel() // x.shape[-1]
+    y = weight @ x.reshape(rows, -1).t()  # (out, rows); one row runs the matrix-vector kernel
+    return y.t().contiguous().view(*x.shape[:-1], -1)  # (..., out)
+
+
+def fastest_form(weight, x):
+    """The faster form for this weight and rows of x, each timed 4 times (the shortest counts,
+    so the first call's page faults do not). x @ w.T, the usual kernel, stays unless w @ x takes
+    < 90% of its time, so timing noise does not swap near-equal kernels from run to run. A few ms
+    a shape (~0.5 s for the largest output head, 1.2 GB)."""
+    times = {}
+    for form in ("x @ w.T", "w @ x"):
+        run = partial(few_row_product, weight, x, form)
+        times[form] = min(timeit.repeat(run, repeat=4, number=1))
+    if times["w @ x"] < 0.9 * times["x @ w.T"]:
+        return "w @ x"
+    return "x @ w.T"
 
 
 class Embedding(nn.Embedding):
@@ -342,10 +372,22 @@ def download(repo_id, patterns, repo_type="model"):
 
 
 def fast_bf16(device):
-    """Whether bf16 matrix products are fast here: on CUDA, and on CPUs with AVX512-BF16 or AMX."""
-    if device.type == "cuda":
-        return True
-    return getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)()
+    """Whether bf16 matrix products are at least as fast as fp32 ones here. CUDA: yes. A CPU's flags
+    do not tell (AVX512-BF16 or AMX: 1.5-3x faster; AVX2 only: ~5x slower, bench/RESULTS.md), so a
+    prefill-sized product is timed in both, once a process (~0.1 s)."""
+    if device.type != "cpu":
+        return device.type == "cuda"
+    return cpu_bf16_is_fast()
+
+
+@cache
+def cpu_bf16_is_fast():
+    a = torch.randn(256, 1024)
+    b = torch.randn(1024, 1024)
+    fp32_time = min(timeit.repeat(partial(torch.mm, a, b), repeat=4, number=1))
+    bf16_time = min(timeit.repeat(partial(torch.mm, a.bfloat16(), b.bfloat16()), repeat=4,
+                                  number=1))
+    return bf16_time <= fp32_time
 
 
 def choose_device_and_dtype(device=None, dtype=None):

@@ -52,23 +52,54 @@ def test_rope_matches_transformers():
     assert common.rope_theta({"rope_theta": 5.0}) == common.rope_theta(nested) == 5.0
 
 
-def test_linear_is_x_times_w_transposed():
-    """The decoders' Linear: F.linear itself in fp32 (bit for bit); in bf16 the matrix-vector route
-    for a few rows agrees with F.linear to bf16 rounding, for every row count and leading shape a
-    decoder passes."""
+def test_linear_is_x_times_w_transposed(monkeypatch):
+    """The decoders' Linear: F.linear itself in fp32 (bit for bit); in bf16 either decode form for a
+    few rows (the one timed fastest here, and each form forced) agrees with F.linear to bf16
+    rounding, for every row count and leading shape a decoder passes."""
     torch.manual_seed(0)
     layer = common.Linear(32, 48, bias=False)
     # exact in both dtypes: the layer switches between them
     w = torch.randn(48, 32).bfloat16().float()
     layer.weight.data = w.clone()
-    for shape in [(1, 1, 32), (4, 1, 32), (2, 3, 32), (1, 40, 32), (5, 32)]:
-        x = torch.randn(shape)
-        with torch.no_grad():
-            assert torch.equal(layer.float()(x), torch.nn.functional.linear(x, w))
-            ours = layer.bfloat16()(x.bfloat16())
-        ref = torch.nn.functional.linear(x.bfloat16(), w.bfloat16())
-        assert ours.shape == ref.shape and ours.dtype == torch.bfloat16 and ours.is_contiguous()
-        assert (ours.float() - ref.float()).abs().max() <= 0.02 * ref.float().abs().max()
+    timed = common.fastest_form
+    for form in (None, "x @ w.T", "w @ x"):
+        monkeypatch.setattr(common, "KERNELS", {})
+        if form is not None:
+            monkeypatch.setattr(common, "fastest_form", lambda weight, x, form=form: form)
+        for shape in [(1, 1, 32), (4, 1, 32), (2, 3, 32), (1, 40, 32), (5, 32)]:
+            x = torch.randn(shape)
+            with torch.no_grad():
+                assert torch.equal(layer.float()(x), torch.nn.functional.linear(x, w))
+                ours = layer.bfloat16()(x.bfloat16())
+            ref = torch.nn.functional.linear(x.bfloat16(), w.bfloat16())
+            assert ours.shape == ref.shape and ours.dtype == torch.bfloat16
+            assert ours.is_contiguous()
+            assert (ours.float() - ref.float()).abs().max() <= 0.02 * ref.float().abs().max()
+        # bf16 shapes of <= 32 rows were timed, once each (the 40-row prefill was not)
+        rows = sorted(key[3] for key in common.KERNELS)
+        assert rows == [1, 4, 5, 6]
+        assert set(common.KERNELS.values()) <= {"x @ w.T", "w @ x"}
+        monkeypatch.setattr(common, "fastest_form", timed)
+
+
+def test_fastest_form_keeps_the_usual_kernel_unless_clearly_faster(monkeypatch):
+    """w @ x replaces x @ w.T only when it takes < 90% of its time: near-equal kernels do not swap
+    from run to run with timing noise. Each form is timed on its own, with the real weight."""
+    w = torch.randn(8, 4).bfloat16()
+    x = torch.randn(1, 1, 4).bfloat16()
+    for matrix_vector_time, expected in ((0.95, "x @ w.T"), (0.85, "w @ x"), (1.5, "x @ w.T")):
+        calls = []
+
+        def repeat(run, repeat, number, seconds=matrix_vector_time):
+            calls.append(run.args[2])  # the form this timing runs
+            run()
+            if run.args[2] == "w @ x":
+                return [seconds] * repeat
+            return [1.0] * repeat
+
+        monkeypatch.setattr(common.timeit, "repeat", repeat)
+        assert common.fastest_form(w, x) == expected
+        assert calls == ["x @ w.T", "w @ x"]
 
 
 def test_load_weights_ties_shared_parameters(tmp_path):
@@ -134,15 +165,16 @@ class Tiny(nn.Module):
         self.a = nn.Linear(3, 2)
 
 
-def test_load_weights(tmp_path):
+def test_load_weights(tmp_path, monkeypatch):
     good = {"a.weight": torch.randn(2, 3), "a.bias": torch.randn(2)}
     save_file(good, tmp_path / "model.safetensors")
     m = common.load_weights(Tiny, tmp_path, lambda k: k, dtype=torch.float32)
     assert torch.equal(m.a.weight, good["a.weight"]) and m.a.weight.device.type == "cpu"
-    # the default dtype: bf16 only where bf16 products are fast
-    fast_bf16 = torch.cpu._is_avx512_bf16_supported()
-    m = common.load_weights(Tiny, tmp_path, lambda k: k, device="cpu")
-    assert m.a.weight.dtype == (torch.bfloat16 if fast_bf16 else torch.float32)
+    # the default dtype: bf16 only where bf16 products were timed at least as fast as fp32 ones
+    for fast in (True, False):
+        monkeypatch.setattr(common, "cpu_bf16_is_fast", lambda fast=fast: fast)
+        m = common.load_weights(Tiny, tmp_path, lambda k: k, device="cpu")
+        assert m.a.weight.dtype == (torch.bfloat16 if fast else torch.float32)
     m = common.load_weights(Tiny, tmp_path, lambda k: k, dtype="bfloat16")
     assert m.a.weight.dtype == torch.bfloat16
     assert common.resolve(str(tmp_path)) == tmp_path  # a local directory is used as it is
@@ -154,7 +186,7 @@ def test_load_weights_layout(tmp_path, monkeypatch):
     w = torch.randn(6, 3)  # tall: (out, in) with out >= in
     save_file({"a.weight": w}, tmp_path / "model.safetensors")
     for fast_bf16, stride in ((False, (1, 6)), (True, (3, 1))):
-        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: fast_bf16)
+        monkeypatch.setattr(common, "cpu_bf16_is_fast", lambda fast=fast_bf16: fast)
         m = common.load_weights(lambda: nn.ModuleDict({"a": nn.Linear(3, 6, bias=False)}), tmp_path,
                                 lambda k: k, device="cpu", dtype=torch.float32)
         assert torch.equal(m["a"].weight, w) and m["a"].weight.stride() == stride
@@ -183,3 +215,32 @@ def test_placeholders_and_text_inputs():
     assert inputs["attention_mask"].tolist() == [[1, 1, 1, 1], [0, 1, 1, 1]]
     assert inputs["labels"].tolist() == [[-100, -100, -100, 120], [-100, -100, 121, 122]]
     assert set(common.text_inputs(Tokenizer(), [[5]], pad_id=0)) == {"input_ids", "attention_mask"}
+
+
+def test_bf16_default_is_timed_not_read_from_flags(monkeypatch):
+    """The CPU's default dtype comes from timing a bf16 and an fp32 product, not from its flags."""
+    times = iter([[2.0] * 4, [1.0] * 4, [1.0] * 4, [3.0] * 4])  # fp32, bf16; then fp32, bf16
+    monkeypatch.setattr(common.timeit, "repeat", lambda run, repeat, number: next(times))
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
+    common.cpu_bf16_is_fast.cache_clear()
+    assert common.cpu_bf16_is_fast()  # bf16 took half of fp32's time: bf16 is the default
+    common.cpu_bf16_is_fast.cache_clear()
+    assert not common.cpu_bf16_is_fast()  # 3x fp32's time: fp32
+    common.cpu_bf16_is_fast.cache_clear()  # the next caller times the real machine again
+
+
+def test_kernel_report_names_the_timed_forms():
+    """--verbose's line on the kernels (command_line.kernel_report, over common.KERNELS)."""
+    import command_line
+    saved = dict(common.KERNELS)
+    common.KERNELS.clear()
+    try:
+        assert "none timed" in command_line.kernel_report()
+        common.KERNELS[(576, 1536, torch.bfloat16, 1, 2)] = "w @ x"
+        common.KERNELS[(1536, 576, torch.bfloat16, 1, 2)] = "x @ w.T"
+        assert command_line.kernel_report() == ("kernels timed here: w @ x for 1 of 2 shapes "
+                                                "(576x1536 1 row, torch.bfloat16); x @ w.T for "
+                                                "the others")
+    finally:
+        common.KERNELS.clear()
+        common.KERNELS.update(saved)
