@@ -195,44 +195,37 @@ class Linear(nn.Linear):
     multiplies each weight by a few rows of x, as x @ w.T (the matrix-matrix kernel) or as w @ x
     (the matrix-vector one); which streams the weights faster depends on the CPU and the shape, by
     up to 2x either way (bench/RESULTS.md: w @ x won on an AMX Xeon, x @ w.T on most shapes of an
-    AMD EPYC). So each shape's first decode call on a CPU times both (fastest_form) and keeps the
-    winner in KERNELS; --verbose lists them. The decoders build every projection from this class,
-    so a variant (quantized weights, say) can replace these modules without touching a model's
-    forward code. Compiled (generate(..., compiled=True)), it is a plain F.linear: the compiler
-    packs the weight and picks its own kernel."""
+    AMD EPYC). So each shape's first decode call on a CPU times both and keeps the faster in
+    KERNELS (a few ms a shape, ~0.5 s for the largest output head, 1.2 GB); --verbose lists them.
+    The decoders build every projection from this class, so a variant (quantized weights, say) can
+    replace these modules without touching a model's forward code. Compiled (generate(...,
+    compiled=True)), it is a plain F.linear: the compiler packs the weight and picks its own
+    kernel."""
 
     def forward(self, x):
         rows = x.numel() // x.shape[-1]
         timed = x.dtype != torch.float32 and x.device.type == "cpu" and self.bias is None
         if not timed or rows > 32 or torch.compiler.is_compiling():
             return F.linear(x, self.weight, self.bias)
+        x_rows = x.reshape(rows, -1)  # (rows, in)
         key = (*self.weight.shape, x.dtype, rows, torch.get_num_threads())
         if key not in KERNELS:
-            KERNELS[key] = fastest_form(self.weight, x)
-        return few_row_product(self.weight, x, KERNELS[key])
+            KERNELS[key] = fastest({"x @ w.T": partial(F.linear, x_rows, self.weight),
+                                    "w @ x": partial(torch.matmul, self.weight, x_rows.t())})
+        if KERNELS[key] == "x @ w.T":
+            return F.linear(x, self.weight)
+        y = self.weight @ x_rows.t()  # (out, rows): one row runs the matrix-vector kernel
+        return y.t().contiguous().view(*x.shape[:-1], -1)  # (..., out)
 
 
-def few_row_product(weight, x, form):
-    """x (..., in) times weight (out, in) -> (..., out), in the form named."""
-    if form == "x @ w.T":
-        return F.linear(x, weight)
-    rows = x.numel() // x.shape[-1]
-    y = weight @ x.reshape(rows, -1).t()  # (out, rows); one row runs the matrix-vector kernel
-    return y.t().contiguous().view(*x.shape[:-1], -1)  # (..., out)
-
-
-def fastest_form(weight, x):
-    """The faster form for this weight and rows of x, each timed 4 times (the shortest counts,
-    so the first call's page faults do not). x @ w.T, the usual kernel, stays unless w @ x takes
-    < 90% of its time, so timing noise does not swap near-equal kernels from run to run. A few ms
-    a shape (~0.5 s for the largest output head, 1.2 GB)."""
-    times = {}
-    for form in ("x @ w.T", "w @ x"):
-        run = partial(few_row_product, weight, x, form)
-        times[form] = min(timeit.repeat(run, repeat=4, number=1))
-    if times["w @ x"] < 0.9 * times["x @ w.T"]:
-        return "w @ x"
-    return "x @ w.T"
+def fastest(runs, margin=0.9):
+    """{name: a call} -> the name of the fastest, each call timed 4 times (its shortest counts, so
+    a first call's page faults do not): the first named stays unless another takes < `margin` of
+    its time, so timing noise does not swap near-equal ones from run to run."""
+    times = {name: min(timeit.repeat(run, repeat=4, number=1)) for name, run in runs.items()}
+    first = next(iter(times))
+    best = min(times, key=times.get)
+    return best if times[best] < margin * times[first] else first
 
 
 class Embedding(nn.Embedding):
@@ -371,23 +364,17 @@ def download(repo_id, patterns, repo_type="model"):
     raise VLMError(f"{repo_id} {why}")
 
 
-def fast_bf16(device):
-    """Whether bf16 matrix products are at least as fast as fp32 ones here. CUDA: yes. A CPU's flags
-    do not tell (AVX512-BF16 or AMX: 1.5-3x faster; AVX2 only: ~5x slower, bench/RESULTS.md), so a
-    prefill-sized product is timed in both, once a process (~0.1 s)."""
-    if device.type != "cpu":
-        return device.type == "cuda"
-    return cpu_bf16_is_fast()
-
-
 @cache
-def cpu_bf16_is_fast():
+def fast_bf16(device_type):
+    """Whether bf16 matrix products beat fp32 ones on this device: CUDA, yes. A CPU's flags do not
+    tell (AVX512-BF16 or AMX: 1.5-3x faster; AVX2 only: ~5x slower, bench/RESULTS.md), so a
+    prefill-sized product is timed in both, once a process (~0.1 s)."""
+    if device_type != "cpu":
+        return device_type == "cuda"
     a = torch.randn(256, 1024)
     b = torch.randn(1024, 1024)
-    fp32_time = min(timeit.repeat(partial(torch.mm, a, b), repeat=4, number=1))
-    bf16_time = min(timeit.repeat(partial(torch.mm, a.bfloat16(), b.bfloat16()), repeat=4,
-                                  number=1))
-    return bf16_time <= fp32_time
+    runs = {"fp32": partial(torch.mm, a, b), "bf16": partial(torch.mm, a.bfloat16(), b.bfloat16())}
+    return fastest(runs, margin=1.0) == "bf16"
 
 
 def choose_device_and_dtype(device=None, dtype=None):
@@ -405,7 +392,7 @@ def choose_device_and_dtype(device=None, dtype=None):
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype, dtype)
     if dtype is None:
-        dtype = torch.bfloat16 if fast_bf16(device) else torch.float32
+        dtype = torch.bfloat16 if fast_bf16(device.type) else torch.float32
     if dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise VLMError(f"unknown dtype {dtype} (use float32, bfloat16 or float16)")
     return device, dtype
@@ -500,7 +487,7 @@ def load_weights(make, folder, rename, device=None, dtype=None, prepare=None):
     # 2x faster stored column-major (bench/); on AVX-512 ones it gains ~3% and would triple the load
     # time (a transposing copy). The vision towers only multiply matrices, so they keep their
     # layout.
-    relayout = device.type == "cpu" and dtype == torch.float32 and not fast_bf16(device)
+    relayout = device.type == "cpu" and dtype == torch.float32 and not fast_bf16(device.type)
 
     def convert(name, read):  # a tensor as read -> {name: it in the model's dtype}
         tensor = read()
