@@ -10,7 +10,8 @@ Sections, top to bottom:
   RoPE              frequencies, cos/sin for positions, the rotation
   attention         attend (SDPA, grouped-query), make_mask, KVCache
   loss and context  next_token_loss (training), check_context
-  layers            Linear (the decoders' projections, with the CPU decode path), Embedding
+  layers            Linear (the decoders' projections; on a CPU, decode kernels chosen by
+                    timing them: KERNELS, faster), Embedding
   images and video  open_image, RGB conversion, resizing, normalising, PyAV decoding
   checkpoints       hub or local resolution, device and dtype, strict safetensors loading (with a
                     per-tensor hook that quantize.py uses), tied weights, end-of-turn ids
@@ -125,11 +126,9 @@ def attend(q, k, v, mask=None, scale=None):
 
 def make_mask(keys, T):
     """Causal mask (B, 1, T, S) for the last T of S positions; `keys` (B, S) marks the real
-    (non-pad) tokens. None when nothing is masked, CAUSAL for a causal prefill without pads (SDPA's
-    fast paths)."""
-    B, S = keys.shape
-    if bool(keys.all()) and T == 1:
-        return None  # one new token sees every key
+    (non-pad) tokens; CAUSAL for a causal prefill without pads (SDPA's fast path). (A decode step
+    has masks of its own: the models' decode_step.)"""
+    S = keys.shape[1]
     if bool(keys.all()) and T == S:
         return CAUSAL
     query_pos = torch.arange(S - T, S, device=keys.device)[:, None]  # (T, 1)
@@ -210,7 +209,7 @@ class Linear(nn.Linear):
         x_rows = x.reshape(rows, -1)  # (rows, in)
         key = (*self.weight.shape, x.dtype, rows, torch.get_num_threads())
         if key not in KERNELS:
-            KERNELS[key] = fastest({"x @ w.T": partial(F.linear, x_rows, self.weight),
+            KERNELS[key] = faster({"x @ w.T": partial(F.linear, x_rows, self.weight),
                                     "w @ x": partial(torch.matmul, self.weight, x_rows.t())})
         if KERNELS[key] == "x @ w.T":
             return F.linear(x, self.weight)
@@ -218,14 +217,13 @@ class Linear(nn.Linear):
         return y.t().contiguous().view(*x.shape[:-1], -1)  # (..., out)
 
 
-def fastest(runs, margin=0.9):
-    """{name: a call} -> the name of the fastest, each call timed 4 times (its shortest counts, so
-    a first call's page faults do not): the first named stays unless another takes < `margin` of
-    its time, so timing noise does not swap near-equal ones from run to run."""
-    times = {name: min(timeit.repeat(run, repeat=4, number=1)) for name, run in runs.items()}
-    first = next(iter(times))
-    best = min(times, key=times.get)
-    return best if times[best] < margin * times[first] else first
+def faster(runs, margin=0.9):
+    """{name: a call, other name: another call} -> the name of the faster, each call timed 4 times
+    (its shortest counts, so a first call's page faults do not): the first stays unless the second
+    takes < `margin` of its time, so timing noise does not swap near-equal ones from run to run."""
+    first, second = [min(timeit.repeat(run, repeat=4, number=1)) for run in runs.values()]
+    names = list(runs)
+    return names[1] if second < margin * first else names[0]
 
 
 class Embedding(nn.Embedding):
@@ -371,17 +369,17 @@ def fast_bf16(device_type):
     prefill-sized product is timed in both, once a process (~0.1 s)."""
     if device_type != "cpu":
         return device_type == "cuda"
-    a = torch.randn(256, 1024)
-    b = torch.randn(1024, 1024)
-    runs = {"fp32": partial(torch.mm, a, b), "bf16": partial(torch.mm, a.bfloat16(), b.bfloat16())}
-    return fastest(runs, margin=1.0) == "bf16"
+    x = torch.randn(512, 1024)  # (512, 1024) @ (1024, 512): a prompt's product
+    runs = {"fp32": partial(torch.mm, x, x.T),
+            "bf16": partial(torch.mm, x.bfloat16(), x.T.bfloat16())}
+    return faster(runs, margin=1.0) == "bf16"
 
 
 def choose_device_and_dtype(device=None, dtype=None):
     """-> (torch.device, torch.dtype). The device defaults to CUDA when there is one. The dtype
-    defaults to bf16 (half the bytes to read; the checkpoints' own) where matrix products are fast
-    in it, else fp32: on an AVX2-only CPU a bf16 matrix product runs ~5x slower than fp32 (bench/),
-    and image prompts are matrix products."""
+    defaults to bf16 (half the bytes to read; the checkpoints' own) where matrix products were timed
+    faster in it (fast_bf16), else fp32: on an AVX2-only CPU a bf16 matrix product runs ~5x slower
+    than fp32 (bench/), and image prompts are matrix products."""
     if not device:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     # an unknown device name, or a GPU that is not there (torch without CUDA raises AssertionError)
