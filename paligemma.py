@@ -462,9 +462,10 @@ class PaliGemma(nn.Module):
                  labels=None, max_new_tokens=100, temperature=0.0, top_k=None, top_p=None,
                  seed=None, stream=None, compiled=False):
         """Prefill once (the images are encoded here only), then decode_step for each new token.
-        compiled=True: the step through torch.compile (compiled.py: about a minute for each model
-        and weights in a process). Returns only the new ids (B, n). labels (a processor's, with a
-        suffix) are taken, as transformers does, and ignored."""
+        compiled=True: the step through torch.compile (compiled.py: one to two minutes for each
+        model and weights in a process; README "What holds on which CPU"). Returns only the new
+        ids (B, n). labels (a processor's, with a suffix) are taken, as transformers does, and
+        ignored."""
         check_args(max_new_tokens, temperature, top_k, top_p)  # before the prefill's work
         B, T = input_ids.shape
         text = self.cfg.text
