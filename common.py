@@ -194,8 +194,8 @@ class Linear(nn.Linear):
     multiplies each weight by a few rows of x, as x @ w.T (the matrix-matrix kernel) or as w @ x
     (the matrix-vector one); which streams the weights faster depends on the CPU and the shape, by
     up to 2x either way (bench/RESULTS.md: w @ x won on an AMX Xeon, x @ w.T on most shapes of an
-    AMD EPYC). So each shape's first decode call on a CPU times both and keeps the faster in
-    KERNELS (a few ms a shape, ~0.5 s for the largest output head, 1.2 GB); --verbose lists them.
+    AMD EPYC). So each shape's first few-row call on a CPU times both and keeps the faster in
+    KERNELS (a few ms a shape, 0.24 s for PerceptionLM-1B's 0.5 GB head); --verbose lists them.
     The decoders build every projection from this class, so a variant (quantized weights, say) can
     replace these modules without touching a model's forward code. Compiled (generate(...,
     compiled=True)), it is a plain F.linear: the compiler packs the weight and picks its own
@@ -366,7 +366,7 @@ def download(repo_id, patterns, repo_type="model"):
 def fast_bf16(device_type):
     """Whether bf16 matrix products beat fp32 ones on this device: CUDA, yes. A CPU's flags do not
     tell (AVX512-BF16 or AMX: 1.5-3x faster; AVX2 only: ~5x slower, bench/RESULTS.md), so a
-    prefill-sized product is timed in both, once a process (~0.1 s)."""
+    prefill-sized product is timed in both, once a process (~0.03 s on a 2-core EPYC)."""
     if device_type != "cpu":
         return device_type == "cuda"
     x = torch.randn(512, 1024)  # (512, 1024) @ (1024, 512): a prompt's product
